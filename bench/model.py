@@ -1,0 +1,60 @@
+"""Forward+backward tokens/s: apertus vs transformers' ApertusForCausalLM, same config, same weights, same batch.
+
+    python bench/model.py [--preset tiny] [--batch 8] [--seq 512] [--steps 5]
+
+Both models are converted to the dtype under test (fp32, bf16) and run interleaved so machine noise hits both.
+"""
+
+import argparse
+import tempfile
+import time
+
+import torch
+import transformers
+
+from apertus import build_model, load_model, preset
+
+
+def step(model, ids, hf: bool):
+    out = model(ids)
+    logits = out.logits if hf else out
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fn, steps):
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = preset(args.preset)
+    with tempfile.TemporaryDirectory() as d:
+        build_model(cfg, seed=0).save_pretrained(d)
+        ours32 = load_model(d).train()
+        ref32 = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").train()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    tokens = args.batch * args.seq
+    print(f"forward+backward, {args.preset} ({ours32.num_params() / 1e6:.1f}M params), batch {args.batch} x "
+          f"{args.seq}, {torch.get_num_threads()} threads")
+    print(f"{'dtype':6} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, ref = ours32.to(dtype), ref32.to(dtype)
+        a = timed(lambda: step(ours, ids, False), args.steps)
+        b = timed(lambda: step(ref, ids, True), args.steps)
+        print(f"{str(dtype).split('.')[-1]:6} {tokens / a:14,.0f} {tokens / b:19,.0f} {b / a:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

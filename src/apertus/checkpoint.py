@@ -1,0 +1,194 @@
+"""Hugging Face checkpoint directories: config.json + model.safetensors (or shards + index) + generation_config.json.
+
+Loading is memory-frugal: the model is built on the meta device and each tensor is read straight from the file into
+its final storage (no mmap of a whole shard, no second copy), so a bf16 checkpoint loads in about its own size of RAM.
+Pickle files are refused unless asked for, and then only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ApertusConfig, load_config, preset, PRESETS
+from .model import Apertus, build_model
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Fixed xIELU constants: some converters drop these buffers; their values are known.
+OPTIONAL_KEYS = ("mlp.act_fn.beta", "mlp.act_fn.eps")
+INSTRUCT_STOP_IDS = [2, 68, 72]  # </s>, <|assistant_end|>, <|tools_suffix|> (SPEC §1.2)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32 or bf16")
+    return names[dtype]
+
+
+# --- reading ---------------------------------------------------------------------------------------------------------
+
+
+def _read_safetensors(file: Path):
+    """Yield (name, tensor) from a .safetensors file, each read directly into a fresh tensor."""
+    with open(file, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a safetensors file ({e})") from None
+        base = 8 + n
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
+            f.seek(base + start)
+            if f.readinto(buf) != end - start or len(buf) != end - start:
+                raise ValueError(f"{file}: tensor {name} is truncated")
+            yield name, t
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        return sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+    raise FileNotFoundError(f"{path}: no model.safetensors (or shards) found")
+
+
+def _tensors(files: list[Path], allow_pickle: bool):
+    for file in files:
+        if file.suffix == ".safetensors":
+            yield from ((file, k, t) for k, t in _read_safetensors(file))
+        elif not allow_pickle:
+            raise ValueError(f"{file}: pickle checkpoints can run code when loaded; convert to safetensors "
+                             "or pass allow_pickle=True (loads with torch.load(weights_only=True))")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            yield from ((file, k, t) for k, t in state.items())
+
+
+def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
+               allow_pickle: bool = False) -> Apertus:
+    """An Apertus model from a Hugging Face checkpoint directory, or a freshly initialised preset (`tiny`, ...)."""
+    dtype = parse_dtype(dtype)
+    path = Path(path_or_preset)
+    if not path.exists() and str(path_or_preset) in PRESETS:
+        return build_model(preset(str(path_or_preset)), device=device, dtype=dtype)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory or a preset ({', '.join(PRESETS)})")
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = Apertus(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    loaded, unexpected = set(), []
+    for file, key, tensor in _tensors(weight_files(path), allow_pickle):
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected[key].shape)} from config.json")
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        model.load_state_dict({key: tensor.to(device)}, strict=False, assign=True)
+        loaded.add(key)
+    missing = [k for k in expected if k not in loaded and not k.endswith(OPTIONAL_KEYS)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match config.json: "
+                         f"missing {_short(missing)}; unexpected {_short(unexpected)}")
+    for name, module in model.named_modules():  # fixed xIELU buffers the file did not carry
+        if hasattr(module, "beta") and module.beta.is_meta:
+            module.beta = torch.tensor(0.5, dtype=dtype, device=device)
+            module.eps = torch.tensor(-1e-6, dtype=dtype, device=device)
+    return model.eval()
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# --- writing ---------------------------------------------------------------------------------------------------------
+
+
+def generation_config(cfg: ApertusConfig, instruct: bool = False) -> dict:
+    """Stop ids and the Apertus sampling recommendation (temperature 0.8, top_p 0.9)."""
+    eos = INSTRUCT_STOP_IDS if instruct else cfg.eos_token_id
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
+            "do_sample": True, "temperature": 0.8, "top_p": 0.9}
+
+
+def save_model(model: Apertus, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               max_shard_bytes: int = 5 * 2**30, instruct: bool = False, extra_files: dict[str, str] | None = None):
+    """Write a Hugging Face checkpoint directory atomically (a temporary sibling, then rename).
+
+    `extra_files` maps file names to text (tokenizer files, chat template, cards) written in the same directory.
+    """
+    dtype = parse_dtype(dtype) or model.lm_head.weight.dtype
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in model.state_dict().items()}
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], tmp / "model.safetensors", metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata=meta)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(tmp / "config.json", model.config.to_hf_dict(DTYPE_NAMES[dtype]))
+    _write_json(tmp / "generation_config.json", generation_config(model.config, instruct))
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: Path, path: Path):
+    """Swap a fully written directory into place; the old one is removed only after the new one is there."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(file: Path, obj) -> None:
+    file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

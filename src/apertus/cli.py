@@ -1,0 +1,69 @@
+"""The `apertus` command: parses arguments and calls the modules; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .model import build_model
+    from .config import PRESETS, load_config, preset
+
+    cfg = preset(args.model) if args.model in PRESETS else load_config(args.model)
+    model = build_model(cfg, device="meta")
+    n, n_emb = model.num_params(), cfg.vocab_size * cfg.hidden_size
+    print(f"{args.model}: Apertus, {n / 1e9:.2f}B parameters ({n:,}; {(n - n_emb) / 1e9:.2f}B without the input "
+          f"embedding)")
+    print(f"  layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
+          f"{cfg.num_key_value_heads} x {cfg.head_dim}, MLP {cfg.intermediate_size} (xIELU), vocab {cfg.vocab_size}")
+    rope = (f"llama3 x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else "default")
+    print(f"  RoPE theta {cfg.rope_theta:,.0f} ({rope}), context {cfg.max_position_embeddings:,}")
+    T = args.seq_len
+    print(f"  FLOPs per token at seq {T}: {cfg.flops_per_token(T) / 1e9:,.1f} GFLOP training (6N + 12LHDT), "
+          f"{cfg.flops_per_token(T, training=False) / 1e9:,.1f} GFLOP forward")
+    print(f"  weights: {_gb(4 * n)} fp32, {_gb(2 * n)} bf16")
+    # bf16 params + fp32 master + fp32 grads + AdEMAMix (m1, m2, nu in fp32); activations not included.
+    print(f"  training state (bf16 params, fp32 master + grads, AdEMAMix m1/m2/nu): {_gb(22 * n)} "
+          f"({_gb(20 * n)} with fp32 params; AdamW: {_gb(18 * n)}); activations extra")
+    if args.load:
+        m = load_model(args.model, dtype=torch.float32)
+        print(f"  loaded: {m.num_params():,} parameters")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apertus", description="The Apertus LLM system, open end to end.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    # --- model -----------------------------------------------------------------------------------------------------
+    s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint")
+    s.add_argument("model", help="preset name (tiny, apertus-8b, apertus-70b) or checkpoint directory")
+    s.add_argument("--seq-len", type=int, default=4096)
+    s.add_argument("--load", action="store_true", help="also load the weights (checks the checkpoint)")
+    s.set_defaults(func=cmd_info)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"apertus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"apertus {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

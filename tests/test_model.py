@@ -1,0 +1,209 @@
+"""The model against transformers' ApertusForCausalLM (the reference we did not write), both directions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from apertus import ApertusConfig, build_model, load_model, preset
+from apertus.model import document_mask, packed_position_ids
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+# (GQA ratio 1, 2, 4; default and llama3 RoPE; head_dim != hidden/heads; 1-3 layers)
+CONFIGS = [
+    dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_hidden_layers=1, rope=None),
+    dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_hidden_layers=2, rope=LLAMA3),
+    dict(hidden_size=96, num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_hidden_layers=3, rope=LLAMA3),
+    dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_hidden_layers=2, rope=None),
+    dict(hidden_size=80, num_attention_heads=4, num_key_value_heads=1, head_dim=20, num_hidden_layers=3, rope=LLAMA3),
+]
+
+
+def hf_model(spec, seed=0):
+    spec = dict(spec)
+    rope = spec.pop("rope")
+    rope_parameters = dict(rope or {"rope_type": "default"}, rope_theta=10000.0)
+    cfg = transformers.ApertusConfig(vocab_size=257, intermediate_size=112, max_position_embeddings=4096,
+                                     rope_parameters=rope_parameters, **spec)
+    torch.manual_seed(seed)
+    model = transformers.ApertusForCausalLM(cfg).eval()
+    with torch.no_grad():  # random weights well away from init, xIELU alphas included
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_logits_match_transformers_fp32_and_bf16(spec, tmp_path):
+    ref = hf_model(spec)
+    ref.save_pretrained(tmp_path)
+    ids = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+    ours = load_model(tmp_path)
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-5
+    ours16 = load_model(tmp_path, dtype=torch.bfloat16)
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        a, b = ours16(ids).float(), ref16(ids).logits.float()
+    assert (a - b).abs().max() <= 2e-2 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", CONFIGS[1:3])
+def test_our_checkpoint_loads_in_transformers(spec, tmp_path):
+    spec = dict(spec)
+    rope = spec.pop("rope")
+    cfg = ApertusConfig(vocab_size=257, intermediate_size=112, max_position_embeddings=4096, rope_theta=10000.0,
+                        rope_scaling=rope, **spec)
+    ours = build_model(cfg, seed=3)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 257, (3, 33))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-5
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = build_model(preset("tiny"), seed=1)
+    model.save_pretrained(tmp_path / "ck", max_shard_bytes=2_000_000, dtype="bf16")
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 3
+    again = load_model(tmp_path / "ck", dtype=torch.bfloat16)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), k
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
+    ids = torch.randint(0, 8192, (1, 20))
+    with torch.no_grad():
+        assert (again(ids).float() - ref(ids).logits.float()).abs().max() <= 2e-2
+
+
+def test_packed_documents_equal_separate_runs():
+    model = build_model(ApertusConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2), seed=0)
+    a, b = torch.randint(0, 101, (1, 13)), torch.randint(0, 101, (1, 19))
+    packed = torch.cat([a, b], dim=1)
+    starts = torch.zeros_like(packed, dtype=torch.bool)
+    starts[0, [0, 13]] = True
+    pos = packed_position_ids(starts)
+    assert pos[0, :13].tolist() == list(range(13)) and pos[0, 13:].tolist() == list(range(19))
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, attn_mask=document_mask(pos))
+        torch.testing.assert_close(out[:, :13], model(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 13:], model(b), atol=1e-5, rtol=0)
+
+
+def test_packed_documents_match_transformers(tmp_path):
+    ref = hf_model(CONFIGS[1])
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, 257, (1, 30))
+    pos = torch.tensor([list(range(10)) + list(range(20))])
+    with torch.no_grad():  # without a cache transformers detects packed rows from restarting positions
+        torch.testing.assert_close(ours(ids, pos, document_mask(pos)), ref(ids, position_ids=pos, use_cache=False).logits,
+                                   atol=1e-5, rtol=0)
+
+
+class ListCache:
+    """The minimal KV-cache protocol: keep appending keys/values per layer."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def update(self, layer, k, v):
+        if layer in self.kv:
+            k, v = torch.cat([self.kv[layer][0], k], 2), torch.cat([self.kv[layer][1], v], 2)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+def test_kv_cache_hook_gives_full_forward_logits():
+    model = build_model(preset("tiny"), seed=0)
+    ids = torch.randint(0, 8192, (2, 24))
+    with torch.no_grad():
+        full = model(ids)
+        cache = ListCache()
+        parts = [model(ids[:, :10], torch.arange(10)[None], cache=cache)]
+        parts.append(model(ids[:, 10:17], torch.arange(10, 17)[None], cache=cache))  # chunk: bottom-right causal
+        for t in range(17, 24):
+            parts.append(model(ids[:, t:t + 1], torch.tensor([[t]]), cache=cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def test_meta_build_of_real_shapes_and_info():
+    from apertus.cli import main
+
+    for name, billions in (("apertus-8b", 8.05), ("apertus-70b", 70.6)):
+        model = build_model(preset(name), device="meta")
+        assert abs(model.num_params() / 1e9 - billions) / billions < 0.005
+        assert model.num_params() == model.config.num_params()
+    # The tech report's FLOP figures (App. D): 51.6 and 449.6 GFLOP per trained token at seq 4096.
+    assert abs(preset("apertus-8b").flops_per_token(4096) / 51.6e9 - 1) < 0.005
+    assert abs(preset("apertus-70b").flops_per_token(4096) / 449.6e9 - 1) < 0.005
+    out = subprocess.run([sys.executable, "-m", "apertus.cli", "info", "apertus-8b"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "8.05B" in out.stdout and "GFLOP" in out.stdout
+    assert main(["info", "apertus-70b"]) == 0
+
+
+def test_init_statistics():
+    cfg = preset("tiny")
+    model = build_model(cfg, seed=0)
+    std = cfg.initializer_range
+    assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() / std - 1) < 0.02
+    out = model.model.layers[0].self_attn.o_proj.weight.std().item()
+    assert abs(out / (std / (2 * cfg.num_hidden_layers) ** 0.5) - 1) < 0.02
+    act = model.model.layers[0].mlp.act_fn
+    assert torch.nn.functional.softplus(act.alpha_p).item() == pytest.approx(0.8, rel=1e-6)
+    assert (act.beta + torch.nn.functional.softplus(act.alpha_n)).item() == pytest.approx(0.8, rel=1e-6)
+    assert torch.equal(build_model(cfg, seed=0).lm_head.weight, model.lm_head.weight)
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type is 'llama'"):
+        load_model(tmp_path)
+    model = build_model(ApertusConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "m")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(49, 32)
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.up_proj.weight has shape"):
+        load_model(tmp_path / "m")
+    del state["model.layers.0.mlp.up_proj.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing model.layers.0.mlp.up_proj.weight; unexpected extra.weight"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_model(tmp_path / "m")
+
+
+def test_bf16_load_is_memory_frugal(tmp_path):
+    """A bf16 checkpoint loads within ~1.2x its size of extra RAM (peak RSS of a fresh process)."""
+    cfg = ApertusConfig(vocab_size=32768, hidden_size=1024, intermediate_size=5376, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=2)
+    build_model(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path, max_shard_bytes=200 * 2**20)
+    size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    code = (f"import resource, torch, apertus; r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"m = apertus.load_model({str(tmp_path)!r}, dtype=torch.bfloat16); "
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) <= 1.2 * size
