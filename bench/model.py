@@ -7,10 +7,10 @@ Both models are converted to the dtype under test (fp32, bf16) and run interleav
 
 import argparse
 import tempfile
-import time
 
 import torch
 import transformers
+from _timing import interleaved
 
 from apertus import build_model, load_model, preset
 
@@ -21,14 +21,6 @@ def step(model, ids, hf: bool):
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
     loss.backward()
     model.zero_grad(set_to_none=True)
-
-
-def timed(fn, steps):
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t) / steps
 
 
 def main():
@@ -51,8 +43,9 @@ def main():
     print(f"{'dtype':6} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
     for dtype in (torch.float32, torch.bfloat16):
         ours, ref = ours32.to(dtype), ref32.to(dtype)
-        a = timed(lambda: step(ours, ids, False), args.steps)
-        b = timed(lambda: step(ref, ids, True), args.steps)
+        t = interleaved({"ours": lambda m=ours: step(m, ids, False), "ref": lambda m=ref: step(m, ids, True)},
+                        rounds=args.steps)
+        a, b = t["ours"], t["ref"]
         print(f"{str(dtype).split('.')[-1]:6} {tokens / a:14,.0f} {tokens / b:19,.0f} {b / a:5.2f}x")
 
 

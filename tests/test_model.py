@@ -77,7 +77,7 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 3
     again = load_model(tmp_path / "ck", dtype=torch.bfloat16)
-    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a.to(torch.bfloat16), b), k
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
     ids = torch.randint(0, 8192, (1, 20))
@@ -107,8 +107,8 @@ def test_packed_documents_match_transformers(tmp_path):
     ids = torch.randint(0, 257, (1, 30))
     pos = torch.tensor([list(range(10)) + list(range(20))])
     with torch.no_grad():  # without a cache transformers detects packed rows from restarting positions
-        torch.testing.assert_close(ours(ids, pos, document_mask(pos)), ref(ids, position_ids=pos, use_cache=False).logits,
-                                   atol=1e-5, rtol=0)
+        ref_logits = ref(ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(ours(ids, pos, document_mask(pos)), ref_logits, atol=1e-5, rtol=0)
 
 
 class ListCache:

@@ -1,7 +1,7 @@
 """apertus: the Apertus LLM system, open end to end."""
 
 from .checkpoint import load_model, save_model
-from .config import ApertusConfig, PRESETS, preset
+from .config import PRESETS, ApertusConfig, preset
 from .model import Apertus, build_model
 
 __version__ = "0.1.0"

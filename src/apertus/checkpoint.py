@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ApertusConfig, load_config, preset, PRESETS
+from .config import PRESETS, ApertusConfig, load_config, preset
 from .model import Apertus, build_model
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -118,7 +118,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = tor
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match config.json: "
                          f"missing {_short(missing)}; unexpected {_short(unexpected)}")
-    for name, module in model.named_modules():  # fixed xIELU buffers the file did not carry
+    for module in model.modules():  # fixed xIELU buffers the file did not carry
         if hasattr(module, "beta") and module.beta.is_meta:
             module.beta = torch.tensor(0.5, dtype=dtype, device=device)
             module.eps = torch.tensor(-1e-6, dtype=dtype, device=device)

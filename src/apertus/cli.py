@@ -14,8 +14,8 @@ def cmd_info(args) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .model import build_model
     from .config import PRESETS, load_config, preset
+    from .model import build_model
 
     cfg = preset(args.model) if args.model in PRESETS else load_config(args.model)
     model = build_model(cfg, device="meta")
@@ -39,6 +39,70 @@ def cmd_info(args) -> int:
     return 0
 
 
+
+# === tokenizer and chat format (issue 3) =============================================================================
+
+
+def _add_tokenizer_commands(sub) -> None:
+    pass
+
+
+# === data pipeline (issue 4) =========================================================================================
+
+
+def _add_data_commands(sub) -> None:
+    pass
+
+
+# === pretraining and export (issue 5) ================================================================================
+
+
+def _add_train_commands(sub) -> None:
+    pass
+
+
+# === inference: generate, chat (issue 6) =============================================================================
+
+
+def _add_infer_commands(sub) -> None:
+    pass
+
+
+# === server (issue 7) ================================================================================================
+
+
+def _add_serve_commands(sub) -> None:
+    pass
+
+
+# === post-training: sft, align (issue 8) =============================================================================
+
+
+def _add_posttrain_commands(sub) -> None:
+    pass
+
+
+# === evaluation (issue 9) ============================================================================================
+
+
+def _add_eval_commands(sub) -> None:
+    pass
+
+
+# === compliance: run manifests, cards, opt-out (issue 10) ============================================================
+
+
+def _add_compliance_commands(sub) -> None:
+    pass
+
+
+# === speedrun and report (issue 11) ==================================================================================
+
+
+def _add_speedrun_commands(sub) -> None:
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apertus", description="The Apertus LLM system, open end to end.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--load", action="store_true", help="also load the weights (checks the checkpoint)")
     s.set_defaults(func=cmd_info)
 
+    _add_tokenizer_commands(sub)
+    _add_data_commands(sub)
+    _add_train_commands(sub)
+    _add_infer_commands(sub)
+    _add_serve_commands(sub)
+    _add_posttrain_commands(sub)
+    _add_eval_commands(sub)
+    _add_compliance_commands(sub)
+    _add_speedrun_commands(sub)
     return p
 
 

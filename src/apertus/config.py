@@ -25,6 +25,18 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 INIT_STD = 0.008944  # Megatron --init-method-std of both Apertus runs
 
 
+def data_root() -> Path:
+    """The embedded corpora: $APERTUS_DATA, else `../shared/data` beside the source checkout (or the cwd)."""
+    import os
+
+    if os.environ.get("APERTUS_DATA"):
+        return Path(os.environ["APERTUS_DATA"])
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (base.parent / "shared" / "data").is_dir():
+            return base.parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
+
+
 @dataclass
 class ApertusConfig:
     vocab_size: int = 131072
@@ -122,7 +134,7 @@ class ApertusConfig:
         total = 6 * self.num_params(embeddings=False) + attn
         return total if training else total / 3
 
-    def inv_freq(self) -> "torch.Tensor":  # noqa: F821
+    def inv_freq(self) -> torch.Tensor:  # noqa: F821
         """RoPE inverse frequencies, with llama3 NTK-by-parts scaling when configured (float32)."""
         import torch
 

@@ -54,7 +54,8 @@ class XIELU(nn.Module):
         alpha_p = F.softplus(self.alpha_p).to(x.dtype)
         alpha_n = (self.beta + F.softplus(self.alpha_n)).to(x.dtype)
         beta, eps = self.beta.to(x.dtype), self.eps.to(x.dtype)
-        return torch.where(x > 0, alpha_p * x * x + beta * x, alpha_n * (torch.expm1(torch.minimum(x, eps)) - x) + beta * x)
+        negative = alpha_n * (torch.expm1(torch.minimum(x, eps)) - x)
+        return torch.where(x > 0, alpha_p * x * x, negative) + beta * x
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
