@@ -72,7 +72,7 @@ def test_ademamix_without_fast_ema_and_without_warmups():
         p.grad = gr.clone()
         opt.step()
     assert "exp_avg_fast" not in opt.state[p]
-    # β1 = 0: m1 is the gradient itself; no warmups: α and β3 constant (T huge makes the transcription's schedulers flat)
+    # β1 = 0: m1 is the gradient itself; no warmups: α and β3 constant from the first step
     b3 = 0.999
     m2, nu, q = torch.zeros_like(p0), torch.zeros_like(p0), p0.clone()
     for t, (gr,) in enumerate(grads, 1):
@@ -125,7 +125,8 @@ def test_weight_decay_groups_exclude_1d_params_and_xielu_alphas():
     no_names = {names[id(p)] for p in no_decay["params"]}
     assert {n for n in names.values() if n.endswith(("alpha_p", "alpha_n"))} <= no_names
     assert {n for n in names.values() if "norm" in n} <= no_names
-    assert all(p.ndim == 2 for p in decay["params"]) and len(decay["params"]) == 2 * 6 + 2  # 6 matrices/block + emb + head
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert len(decay["params"]) == 2 * 6 + 2  # 6 matrices per block, embeddings, lm_head
     assert isinstance(build_optimizer(model, "adamw", lr=1e-3), torch.optim.AdamW)
     with pytest.raises(ValueError, match="optimizer name"):
         build_optimizer(model, "sgd")

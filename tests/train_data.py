@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -67,17 +68,18 @@ class StreamLoader:
     """The PackedLoader contract over documents: the documents (shuffled by `seed`) form one token stream; row j of
     the global order is stream[j·T : j·T + T + 1]; each call yields `batch_size` global rows, rank r taking r::w."""
 
-    def __init__(self, docs, seq_len, batch_size, *, seed=0, rank=0, world_size=1):
+    def __init__(self, docs, seq_len, batch_size, *, seed=0, rank=0, world_size=1, delay=0.0):
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
         self.stream = torch.tensor([t for i in order for t in docs[i]])
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.rows = (len(self.stream) - 1) // seq_len
-        self.pos = 0
+        self.pos, self.delay = 0, delay  # delay: seconds per batch, to let a test kill a run between steps
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        time.sleep(self.delay)
         T = self.seq_len
         rows = [self.stream[(j % self.rows) * T:(j % self.rows) * T + T + 1]
                 for j in range(self.pos + self.rank, self.pos + self.batch_size, self.world_size)]
@@ -96,22 +98,23 @@ class StreamLoader:
         self.pos = state["pos"]
 
 
-def make_loader(rank=0, world_size=1, docs=None):
+def make_loader(rank=0, world_size=1, docs=None, delay=0.0):
     """A pretrain `make_loader(stage)` over the corpus (or `docs`), rows for this rank of each global micro-batch."""
     docs = docs if docs is not None else corpus().train
 
     def make(stage):
         return StreamLoader(docs, stage.seq_len, stage.micro_batch * world_size, seed=stage.seed, rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, delay=delay)
 
     return make
 
 
-def val_batches(seq_len, batch_size, n_batches, rank=0, world_size=1, langs=("en", "de", "fr")):
+def val_batches(seq_len, global_rows, n_batches, rank=0, world_size=1, langs=("en", "de", "fr")):
+    """Held-out batches per language: the same rows in total whatever the world size (rank r takes r::w)."""
     c = corpus()
     out = {}
     for lang in langs:
-        it = StreamLoader(c.val[lang], seq_len, batch_size * world_size, rank=rank, world_size=world_size)
+        it = StreamLoader(c.val[lang], seq_len, global_rows, rank=rank, world_size=world_size)
         out[lang] = [next(it) for _ in range(n_batches)]
     return out
 

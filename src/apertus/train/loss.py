@@ -149,29 +149,23 @@ def lm_loss(model, batch: dict, goldfish: tuple[int, int] | None = (50, 50), doc
 # --- bits per byte ----------------------------------------------------------------------------------------------------
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-to-unicode map that byte-level BPE vocabularies are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
 def token_byte_lengths(tokenizer_json: str, vocab_size: int | None = None) -> torch.Tensor:
-    """UTF-8 bytes of each token id of a byte-level BPE tokenizer.json; 0 for special tokens (not text)."""
+    """UTF-8 bytes of each token id of a byte-level BPE tokenizer.json; 0 for special tokens (not text).
+
+    Vocabulary pieces are written one character per byte (the GPT-2 byte-to-unicode map); added tokens hold raw text.
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     n = vocab_size or tok.get_vocab_size()
-    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    dec = _byte_decoder()
     out = torch.zeros(n, dtype=torch.long)
-    for piece, i in tok.get_vocab().items():
-        if i < n and piece not in special:
-            out[i] = sum(1 if c in dec else len(c.encode()) for c in piece)
+    ids, lengths = [], []
+    for piece, i in tok.get_vocab(with_added_tokens=False).items():
+        if i < n:
+            ids.append(i)
+            lengths.append(len(piece))
+    out[ids] = torch.tensor(lengths)
+    for i, t in tok.get_added_tokens_decoder().items():
+        if i < n:
+            out[i] = 0 if t.special else len(t.content.encode())
     return out
