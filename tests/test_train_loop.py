@@ -75,6 +75,7 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_after_a_kill_during_a_checkpoint_write_is_bitwise_equal(straight, tmp_path):
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     # 1. SIGKILL between steps, once the checkpoint of step 4 is complete
@@ -110,13 +111,14 @@ def _fresh_model_and_optimizer():
     return model, build_optimizer(model), Dist()
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_one_process_and_exports_for_transformers(tmp_path):
     import transformers
 
     recipe = {"train": {"steps": 4, "micro_batch": 2, "goldfish_k": 4, "goldfish_h": 3}}
     one, two = tmp_path / "one", tmp_path / "two"
     run_child({"out": str(one), "recipe": recipe, "val": True})  # 4 micro-batches of 2 rows per step
-    fsdp = {"train": dict(recipe["train"], activation_checkpointing=True)}
+    fsdp = {"train": dict(recipe["train"], activation_checkpointing=True, compile=True)}  # as on the cluster
     run_child({"out": str(two), "recipe": fsdp, "val": True}, nproc=2)  # 2 ranks x 2 micro-batches x 2 rows
     a, b = losses(one), losses(two)
     assert len(a) == 4 and a == pytest.approx(b, rel=1e-5, abs=0)

@@ -40,7 +40,10 @@ def _udhr_articles(key: str) -> list[str]:
 
 
 @functools.cache
-def corpus() -> Corpus:
+def corpus(max_vocab: int | None = None) -> Corpus:
+    """The corpus; with `max_vocab`, only the most frequent ids are kept and the rest become <unk> (id 0)."""
+    import collections
+
     from tokenizers import Tokenizer
 
     tok_file = data_root() / "apertus_tokenizer" / "tokenizer.json"
@@ -55,11 +58,14 @@ def corpus() -> Corpus:
         groups[lang] = arts[22:]
     encoded = {k: [[BOD] + e.ids + [EOD] for e in tok.encode_batch(v, add_special_tokens=False)]
                for k, v in groups.items()}
+    freq = collections.Counter(i for d in encoded["train"] for i in d if i > 3)
     real_ids = sorted({i for docs in encoded.values() for d in docs for i in d} - {0, 1, 2, 3})
+    if max_vocab:
+        real_ids = sorted(i for i, _ in freq.most_common(max_vocab - 4))
     to_real = torch.tensor([0, 1, 2, 3] + real_ids)
     dense = {r: i for i, r in enumerate(to_real.tolist())}
-    docs = {k: [[dense[i] for i in d] for d in v] for k, v in encoded.items()}
-    real_bytes = token_byte_lengths(tok_file)
+    docs = {k: [[dense.get(i, 0) for i in d] for d in v] for k, v in encoded.items()}
+    real_bytes = token_byte_lengths(tok_file)  # <unk> (0) carries no bytes: unknown tokens drop out of bpb
     return Corpus(train=docs.pop("train"), val=docs, vocab_size=len(to_real), token_bytes=real_bytes[to_real],
                   to_real=to_real)
 
@@ -109,9 +115,9 @@ def make_loader(rank=0, world_size=1, docs=None, delay=0.0):
     return make
 
 
-def val_batches(seq_len, global_rows, n_batches, rank=0, world_size=1, langs=("en", "de", "fr")):
+def val_batches(seq_len, global_rows, n_batches, rank=0, world_size=1, langs=("en", "de", "fr"), c=None):
     """Held-out batches per language: the same rows in total whatever the world size (rank r takes r::w)."""
-    c = corpus()
+    c = c or corpus()
     out = {}
     for lang in langs:
         it = StreamLoader(c.val[lang], seq_len, global_rows, rank=rank, world_size=world_size)
