@@ -83,7 +83,9 @@ def cmd_tokenizer_train(args) -> int:
     if not texts:
         raise ValueError(f"no text found in {args.corpus}")
     t0 = time.perf_counter()
-    tok = train_tokenizer(texts, args.vocab_size, args.out, min_frequency=args.min_frequency, progress=True)
+    # the Rust trainer draws its own progress bars; off a terminal it would only print blank lines
+    tok = train_tokenizer(texts, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                          progress=sys.stderr.isatty())
     seconds = time.perf_counter() - t0
     digest = sha256_file(Path(args.out) / "tokenizer.json")
     meta = {"corpus": args.corpus, "documents": len(texts), "bytes": n_bytes, "vocab_size": tok.vocab_size,

@@ -120,7 +120,8 @@ def fertility(tokenizer, texts: dict[str, str]) -> dict[str, dict]:
 def summarize(rows: dict[str, dict], vocab_size: int) -> dict:
     tpb = [r["tokens_per_byte"] for r in rows.values()]
     out = {"vocab_size": vocab_size, "languages": len(rows), "tokens": sum(r["tokens"] for r in rows.values()),
-           "mean_tokens_per_word": statistics.fmean(r["tokens_per_word"] for r in rows.values()),
+           # median: scripts written without spaces (zho, jpn, tha) have a handful of "words" per text
+           "median_tokens_per_word": statistics.median(r["tokens_per_word"] for r in rows.values()),
            "mean_tokens_per_byte": statistics.fmean(tpb), "gini_tokens_per_byte": gini(tpb)}
     if all("premium" in r for r in rows.values()):
         prem = [r["premium"] for r in rows.values()]
@@ -147,13 +148,13 @@ def evaluate(tokenizers: dict[str, object], texts: dict[str, str], out_dir) -> d
 def markdown(result: dict) -> str:
     names = list(result)
     has_prem = all("median_premium" in result[n]["summary"] for n in names)
-    lines = ["| tokenizer | vocab | languages | tokens | tokens/word | tokens/byte | Gini(tokens/byte) |"
+    lines = ["| tokenizer | vocab | languages | tokens | median tokens/word | mean tokens/byte | Gini(tokens/byte) |"
              + (" median premium vs eng | max premium |" if has_prem else ""),
              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_prem else "")]
     for n in names:
         s = result[n]["summary"]
         lines.append(f"| {n} | {s['vocab_size']:,} | {s['languages']} | {s['tokens']:,} | "
-                     f"{s['mean_tokens_per_word']:.3f} | {s['mean_tokens_per_byte']:.4f} | "
+                     f"{s['median_tokens_per_word']:.3f} | {s['mean_tokens_per_byte']:.4f} | "
                      f"{s['gini_tokens_per_byte']:.4f} |"
                      + (f" {s['median_premium']:.3f} | {s['max_premium']:.3f} |" if has_prem else ""))
     lines += ["", "Per language (tokens/word · tokens/byte):", "",
