@@ -7,6 +7,8 @@ llama3 RoPE, the HF tokenizer (AutoTokenizer), gguf-py's reader and tensor-name 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -315,3 +317,22 @@ def test_llama_cpp_runs_a_padded_vocabulary(small_ckpt, tmp_path):
     out = export_gguf(path, tmp_path / "m.gguf")
     texts = [(t, tok.encode(t).ids, False) for t in PROMPTS]
     assert llama_cpp_worst_diff(out, path, texts) < 2e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_SRC"), reason="set LLAMA_CPP_SRC to a llama.cpp checkout (b6671+)")
+def test_same_file_as_llama_cpp_converter(ckpt, reader, tmp_path):
+    """Opt-in: llama.cpp's own convert_hf_to_gguf.py on the same checkpoint writes the same keys, values and tensors
+    (needs the converter's imports: sentencepiece among them)."""
+    src = os.environ["LLAMA_CPP_SRC"]
+    ref_file = tmp_path / "ref.gguf"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([f"{src}/gguf-py", os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, f"{src}/convert_hf_to_gguf.py", str(ckpt), "--outfile", str(ref_file),
+                    "--outtype", "f32"], check=True, env=env, capture_output=True)
+    ref = gguf.GGUFReader(ref_file)
+    assert fields(ref) == fields(reader)
+    ours = {t.name: t for t in reader.tensors}
+    assert sorted(ours) == sorted(t.name for t in ref.tensors)
+    for t in ref.tensors:
+        assert t.tensor_type == ours[t.name].tensor_type
+        np.testing.assert_array_equal(t.data, ours[t.name].data)

@@ -15,6 +15,7 @@ checkpoint, so llama.cpp, Ollama and LM Studio load it unchanged:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -47,6 +48,8 @@ def export_gguf(hf_dir: str | os.PathLike, out_file: str | os.PathLike, dtype: s
     if dtype not in FILE_TYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(FILE_TYPES)}")
     hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if out_file.is_dir():
+        raise ValueError(f"{out_file}: is a directory; give the .gguf file to write")
     cfg = load_config(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no tokenizer.json (llama.cpp needs the vocabulary inside the GGUF)")
@@ -230,4 +233,10 @@ def _tokenizer(w: gguf.GGUFWriter, hf_dir: Path, tokens: list[str], toktypes: li
     w.add_token_types(toktypes)
     # merges, bos/eos/unk/pad ids (tokenizer_config.json first, then config.json), add_bos from the post-processor,
     # chat template (tokenizer_config.json or chat_template.jinja): the same reader the converter uses.
-    gguf.SpecialVocab(hf_dir, load_merges=True).add_to_gguf(w, quiet=True)
+    log = logging.getLogger("gguf.vocab")  # its notes on the <s> A <s> B pair template only confuse users
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        gguf.SpecialVocab(hf_dir, load_merges=True).add_to_gguf(w, quiet=True)
+    finally:
+        log.setLevel(level)
