@@ -22,7 +22,7 @@ from apertus.config import ApertusConfig
 from apertus.export_gguf import export_gguf
 from apertus.model import build_model
 
-# A small original context so that llama3 scaling changes every RoPE frequency the prompts below reach.
+# A small original context so that all three llama3 regimes (kept, blended, scaled) occur at head_dim 16.
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
 N_LAYERS = 3
@@ -305,9 +305,9 @@ def test_llama_cpp_runs_the_export(ckpt, exported):
     pytest.importorskip("llama_cpp")
     hf = transformers.AutoTokenizer.from_pretrained(ckpt)
     chat = hf.apply_chat_template([{"role": "user", "content": "Hi \\boxed{4}"}], tokenize=False,
-                                  add_generation_prompt=True, date_string="2025-09-01")
-    texts = [(t, hf(t)["input_ids"], False) for t in PROMPTS] + [(chat, hf(chat, add_special_tokens=False)["input_ids"],
-                                                                  True)]
+                                  add_generation_prompt=True)
+    texts = [(t, hf(t)["input_ids"], False) for t in PROMPTS]
+    texts.append((chat, hf(chat, add_special_tokens=False)["input_ids"], True))
     assert llama_cpp_worst_diff(exported, ckpt, texts) < 2e-5
 
 
