@@ -89,6 +89,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         Tokenizer.from_file(tmp_path)
+    import tokenizers
+
+    no_bos = Tokenizer(tokenizers.Tokenizer(tokenizers.models.BPE()))
+    with pytest.raises(ValueError, match="no <s>"):
+        no_bos.encode("x")
+    assert no_bos.encode_batch(["x"], bos=False) == [[]]
 
 
 def test_matches_transformers_on_udhr(apertus, apertus_tokenizer_json, udhr):

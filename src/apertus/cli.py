@@ -49,7 +49,7 @@ def _load_tokenizer_spec(spec: str):
 
     from .tokenizer import Tokenizer, apertus_tokenizer_path
 
-    name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
     file = apertus_tokenizer_path() if path == "apertus" else path
     return name or (path if path == "apertus" else Path(path).name or path), Tokenizer.from_file(file)
 
@@ -66,34 +66,14 @@ def cmd_tokenizer_apertus(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    import json
-    import time
-    from pathlib import Path
+    from .tokenizer import train_from_corpus
 
-    from .tokenizer import sha256_file, train_tokenizer
-    from .tokenizer_eval import iter_corpus
-
-    texts, n_bytes, limit = [], 0, int(args.max_mb * 1e6) if args.max_mb else None
-    for spec in args.corpus:
-        for _, text in iter_corpus(spec):
-            if limit is not None and n_bytes + len(text.encode("utf-8")) > limit:
-                break
-            texts.append(text)
-            n_bytes += len(text.encode("utf-8"))
-    if not texts:
-        raise ValueError(f"no text found in {args.corpus}")
-    t0 = time.perf_counter()
     # the Rust trainer draws its own progress bars; off a terminal it would only print blank lines
-    tok = train_tokenizer(texts, args.vocab_size, args.out, min_frequency=args.min_frequency,
-                          progress=sys.stderr.isatty())
-    seconds = time.perf_counter() - t0
-    digest = sha256_file(Path(args.out) / "tokenizer.json")
-    meta = {"corpus": args.corpus, "documents": len(texts), "bytes": n_bytes, "vocab_size": tok.vocab_size,
-            "requested_vocab_size": args.vocab_size, "min_frequency": args.min_frequency,
-            "tokenizer_sha256": digest, "seconds": round(seconds, 2)}
-    (Path(args.out) / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"trained a {tok.vocab_size:,}-token BPE on {n_bytes / 1e6:.1f} MB ({len(texts):,} documents) in "
-          f"{seconds:.1f} s -> {args.out} (sha256 {digest[:16]}...)")
+    tok, meta = train_from_corpus(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                                  max_bytes=int(args.max_mb * 1e6) if args.max_mb else None,
+                                  progress=sys.stderr.isatty())
+    print(f"trained a {tok.vocab_size:,}-token BPE on {meta['bytes'] / 1e6:.1f} MB ({meta['documents']:,} documents) "
+          f"in {meta['seconds']:.1f} s -> {args.out} (sha256 {meta['tokenizer_sha256'][:16]}...)")
     return 0
 
 

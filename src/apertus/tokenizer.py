@@ -83,14 +83,20 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         # BOS is added here rather than by the post-processor so any tokenizer.json behaves the same.
+        self._check_bos(bos)
         ids = self.inner.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos else ids
 
     def encode_batch(self, texts: list[str], bos: bool = True) -> list[list[int]]:
         # encode_batch_fast skips offsets; both run on all cores in Rust.
+        self._check_bos(bos)
         fast = getattr(self.inner, "encode_batch_fast", self.inner.encode_batch)
         out = [e.ids for e in fast(list(texts), add_special_tokens=False)]
         return [[self.bos_id, *ids] for ids in out] if bos else out
+
+    def _check_bos(self, bos: bool) -> None:
+        if bos and self.bos_id is None:
+            raise ValueError("this tokenizer has no <s> token: encode with bos=False")
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -201,19 +207,12 @@ def build_apertus() -> tokenizers.Tokenizer:
 
 def rebuild_apertus(out_dir, chat_template: str | None = None) -> Path:
     """Write the rebuilt released tokenizer to `out_dir` after checking its sha256; returns the tokenizer.json."""
-    text = build_apertus().to_str(pretty=True)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    tok = Tokenizer(build_apertus())
+    digest = hashlib.sha256(tok.inner.to_str(pretty=True).encode("utf-8")).hexdigest()
     if digest != APERTUS_SHA256:
         raise ValueError(f"rebuilt tokenizer.json hashes to {digest}, not the released {APERTUS_SHA256}: "
                          "a different mistral-common or tokenizers version changed the output")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "tokenizer.json", text)
-    config = _INSTRUCT_CONFIG if chat_template is not None else _BASE_CONFIG
-    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    if chat_template is not None:
-        _write_atomic(out / "chat_template.jinja", chat_template)
-    return out / "tokenizer.json"
+    return tok.save(out_dir, chat_template=chat_template) / "tokenizer.json"
 
 
 def apertus_tokenizer_path() -> Path:
@@ -262,6 +261,34 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir=None, *, min_
     if out_dir is not None:
         result.save(out_dir, chat_template=chat_template)
     return result
+
+
+def train_from_corpus(corpus: list[str], vocab_size: int, out_dir, *, min_frequency: int = 2,
+                      max_bytes: int | None = None, progress: bool = False) -> tuple[Tokenizer, dict]:
+    """Train on corpora named as `iter_corpus` reads them (udhr, flores, .txt/.jsonl files or directories), up to
+    `max_bytes`; writes the tokenizer and `training.json` (inputs, sizes, sha256) to `out_dir`."""
+    import time
+
+    from .tokenizer_eval import iter_corpus
+
+    texts, n_bytes = [], 0
+    for spec in corpus:
+        for _, text in iter_corpus(spec):
+            size = len(text.encode("utf-8"))
+            if max_bytes is not None and n_bytes + size > max_bytes:
+                break
+            texts.append(text)
+            n_bytes += size
+    if not texts:
+        raise ValueError(f"no text found in {corpus}")
+    t0 = time.perf_counter()
+    tok = train_tokenizer(texts, vocab_size, out_dir, min_frequency=min_frequency, progress=progress)
+    meta = {"corpus": list(corpus), "documents": len(texts), "bytes": n_bytes, "vocab_size": tok.vocab_size,
+            "requested_vocab_size": vocab_size, "min_frequency": min_frequency,
+            "tokenizer_sha256": sha256_file(Path(out_dir) / "tokenizer.json"),
+            "seconds": round(time.perf_counter() - t0, 2)}
+    _write_atomic(Path(out_dir) / "training.json", json.dumps(meta, indent=2) + "\n")
+    return tok, meta
 
 
 def tiny_tokenizer(cache_dir, vocab_size: int = 2048, languages: int = 60, chars_per_language: int = 4000) -> Tokenizer:
