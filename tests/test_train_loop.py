@@ -115,7 +115,8 @@ def _fresh_model_and_optimizer():
 def test_two_process_fsdp_matches_one_process_and_exports_for_transformers(tmp_path):
     import transformers
 
-    recipe = {"train": {"steps": 4, "micro_batch": 2, "goldfish_k": 4, "goldfish_h": 3}}
+    # clipping at 0.1 (the Apertus value) is active at every step here: the global norm over DTensor shards counts
+    recipe = {"train": {"steps": 4, "micro_batch": 2, "goldfish_k": 4, "goldfish_h": 3, "grad_clip": 0.1}}
     one, two = tmp_path / "one", tmp_path / "two"
     run_child({"out": str(one), "recipe": recipe, "val": True})  # 4 micro-batches of 2 rows per step
     fsdp = {"train": dict(recipe["train"], activation_checkpointing=True, compile=True)}  # as on the cluster
@@ -124,6 +125,8 @@ def test_two_process_fsdp_matches_one_process_and_exports_for_transformers(tmp_p
     assert len(a) == 4 and a == pytest.approx(b, rel=1e-5, abs=0)
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in rows]
+    assert min(norms) > 0.1 and norms == pytest.approx([r["grad_norm"] for r in ref_rows], rel=1e-5)
     assert rows[-1]["val/en/loss"] == pytest.approx(ref_rows[-1]["val/en/loss"], rel=1e-5)
     assert rows[-1]["val/de/bpb"] == pytest.approx(ref_rows[-1]["val/de/bpb"], rel=1e-5)
     wa, wb = final_weights(one, tmp_path), final_weights(two, tmp_path)

@@ -145,17 +145,19 @@ def resume_point(root: str | os.PathLike) -> Path | None:
 
 
 def _tokenizer_files(ckpt: Path, tokenizer: str | os.PathLike | None) -> dict[str, str]:
-    """tokenizer.json (+ tokenizer_config.json) from --tokenizer, the checkpoint folder or its run's tokenizer/."""
+    """tokenizer.json + tokenizer_config.json (as apertus.tokenizer writes them) from --tokenizer, the checkpoint
+    folder or its run's tokenizer/ folder; none when there is none."""
+    import tempfile
+
+    from ..tokenizer import Tokenizer
+
     candidates = [Path(tokenizer)] if tokenizer else [ckpt, ckpt.parent.parent / "tokenizer"]
     for c in candidates:
         file = c / "tokenizer.json" if c.is_dir() else c
         if file.name == "tokenizer.json" and file.exists():
-            files = {"tokenizer.json": file.read_text()}
-            config = file.with_name("tokenizer_config.json")
-            files["tokenizer_config.json"] = config.read_text() if config.exists() else json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                 "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, indent=1)
-            return files
+            with tempfile.TemporaryDirectory() as d:
+                Tokenizer.from_file(file).save(d)
+                return {f.name: f.read_text(encoding="utf-8") for f in Path(d).iterdir()}
     if tokenizer:
         raise FileNotFoundError(f"{tokenizer}: no tokenizer.json")
     return {}
