@@ -107,7 +107,7 @@ def _fresh_model_and_optimizer():
     from apertus.train.recipe import parse_recipe
 
     recipe = parse_recipe(train_data.tiny_recipe(**RECIPE["train"]))
-    model = build_model_for(recipe, Dist())
+    model = build_model_for(recipe.model, Dist())
     return model, build_optimizer(model), Dist()
 
 

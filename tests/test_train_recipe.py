@@ -183,3 +183,21 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert result["step"] == 3 and [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [
         "step_00000003"]
     assert torch.is_tensor(model.lm_head.weight)
+
+
+def test_init_from_a_checkpoint_takes_its_architecture_and_weights(tmp_path):
+    from apertus.train.pretrain import build_model_for
+
+    base = build_model(ApertusConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0), seed=3)
+    base.save_pretrained(tmp_path / "base")
+    table = {"model": {"init_from": str(tmp_path / "base"), "rope_theta": 1e6},
+             "train": {"seq_len": 16, "global_batch_tokens": 32, "micro_batch": 2, "steps": 1}}
+    recipe = parse_recipe(table)
+    assert recipe.model.hidden_size == 32 and recipe.model.rope_theta == 1e6
+    model = build_model_for(recipe.model, Dist(), init_from=recipe.init_from)
+    for (k, a), (_, b) in zip(base.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert model.config.rope_theta == 1e6
+    with pytest.raises(ValueError, match="preset or init_from"):
+        parse_recipe({"model": {"init_from": str(tmp_path / "base"), "preset": "tiny"}})

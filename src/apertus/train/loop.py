@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,7 +162,8 @@ def train(model, optimizer, source, loss_fn, cfg: LoopConfig, d: Dist,
         save_checkpoint(ckpt_root, step, model, optimizer, d, {"tokens": tokens, "name": cfg.name},
                         {"source": source.state_dict()}, cfg.keep_last, cfg.permanent_every)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, unit="step", disable=not d.main, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, unit="step", disable=not d.main, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a bar line every 30 s
     record, t_start, start_step = {}, time.perf_counter(), step
     model.train()
     while step < cfg.steps:

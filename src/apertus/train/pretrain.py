@@ -122,35 +122,36 @@ def make_validate(val: dict[str, list[dict]], token_bytes: torch.Tensor | None, 
     return validate
 
 
-def build_model_for(recipe: Recipe, d: Dist):
-    """The model, initialised (seeded) or loaded from `init_from`, with parallelism applied.
+def build_model_for(config, d: Dist, *, init_from: str | None = None, seed: int = 0,
+                    activation_checkpointing: bool = False, compile: bool = False,
+                    param_dtype: torch.dtype | None = None):
+    """An Apertus model for training: initialised from `seed`, or loaded from the Hugging Face checkpoint
+    `init_from` (with `config`, e.g. the recipe's overrides of it), with parallelism applied (`parallelize`).
 
     On GPUs under FSDP the model is created on the meta device, sharded, then materialised shard by shard (no rank
     ever holds the whole model); a checkpoint to start from is read by rank 0 and scattered. On CPU every rank
-    builds the same full model from the seed and FSDP keeps its shard.
+    builds the same full model and FSDP keeps its shard. SFT and alignment start from here too.
     """
     from ..checkpoint import load_model
     from ..model import build_model
 
-    t = recipe.train
     meta = d.device.type == "cuda" and d.sharded
     if meta:
-        model = build_model(recipe.model, device="meta")
-    elif recipe.init_from:
-        model = load_model(recipe.init_from, dtype=torch.float32, device=d.device)
-        model.config = recipe.model  # the checkpoint's, with the recipe's overrides
+        model = build_model(config, device="meta")
+    elif init_from:
+        model = load_model(init_from, dtype=torch.float32, device=d.device)
+        model.config = config
     else:
-        model = build_model(recipe.model, device=d.device, seed=t.seed)
-    parallelize(model, d, activation_checkpointing=t.activation_checkpointing, compile=t.compile,
-                param_dtype=torch.bfloat16 if t.fsdp_param_dtype == "bf16" else None)
+        model = build_model(config, device=d.device, seed=seed)
+    parallelize(model, d, activation_checkpointing=activation_checkpointing, compile=compile, param_dtype=param_dtype)
     if meta:
         model.to_empty(device=d.device)
-        torch.manual_seed(t.seed)
+        torch.manual_seed(seed)
         model.init_weights()
-        if recipe.init_from:
+        if init_from:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            full = load_model(recipe.init_from).state_dict() if d.main else {}
+            full = load_model(init_from).state_dict() if d.main else {}
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                         broadcast_from_rank0=True))
     return model
@@ -186,7 +187,9 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
     if token_bytes is None and recipe.data.tokenizer:
         token_bytes = token_byte_lengths(recipe.data.tokenizer, recipe.model.vocab_size)
     _save_run_files(recipe, out, d)
-    model = build_model_for(recipe, d)
+    model = build_model_for(recipe.model, d, init_from=recipe.init_from, seed=t.seed,
+                            activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                            param_dtype=torch.bfloat16 if t.fsdp_param_dtype == "bf16" else None)
     optimizer = build_optimizer(model, o.name, lr=o.lr, betas=o.betas, alpha=o.alpha, t_alpha=o.t_alpha or None,
                                 t_beta3=o.t_beta3 or None, eps=o.eps, weight_decay=o.weight_decay)
     source = PretrainSource(recipe, model, d, make_loader)
