@@ -61,12 +61,15 @@ def _expand(value, places: dict):
     return value
 
 
-def load_recipe(path: str | Path) -> dict:
-    """Reads and checks a data recipe; `{data}`, `{package}` and `{recipe}` in strings become the corpus root,
-    the apertus package folder and the recipe's folder."""
-    path = Path(path)
-    raw = load_toml(path)
-    places = {"data": data_root(), "package": Path(__file__).resolve().parents[1], "recipe": path.resolve().parent}
+def load_recipe(recipe: str | Path | dict) -> dict:
+    """Reads (a TOML path) or takes (a dict) a data recipe, checks it and fills defaults; `{data}`, `{package}` and
+    `{recipe}` in strings become the corpus root, the apertus package folder and the recipe's folder."""
+    if isinstance(recipe, dict):
+        path, raw, base = Path("<recipe>"), copy.deepcopy(recipe), Path.cwd()
+    else:
+        path = Path(recipe)
+        raw, base = load_toml(path), path.resolve().parent
+    places = {"data": data_root(), "package": Path(__file__).resolve().parents[1], "recipe": base}
     r = _expand(raw, places)
     r.setdefault("name", path.stem)
     ds = r.setdefault("dataset", {})
@@ -293,7 +296,8 @@ class Finalize(PipelineStep):
 
             pc = r["probes"]
             probes = make_probes(pc["text"], tuple(pc.get("exposures", (1, 4, 16, 64))), pc.get("per_exposure", 4),
-                                 pc.get("controls", 16), pc.get("chars", 400), ds["seed"])
+                                 pc.get("controls", 16), pc.get("chars", 400),
+                                 pc.get("seed", 0))  # not the order seed: a reseed must not change content
             arrays = encode_docs(tok, [p["text"] for p in probes], bos, eos, dtype)
             host = next(s for s in r["sources"] if s["name"] == pc["into"])
             for p, arr in zip(probes, arrays, strict=True):
@@ -400,7 +404,7 @@ def build(recipe: dict | str | Path, out: str | Path, *, tasks: int | None = Non
           keep_work: bool = False, log=print) -> dict | None:
     """Builds (or resumes) the dataset of `recipe` into `out`; returns the manifest (None when the phases were
     handed to Slurm/Ray, which finish on their own)."""
-    r = copy.deepcopy(recipe) if isinstance(recipe, dict) else load_recipe(recipe)
+    r = load_recipe(recipe)
     if tasks:
         r["executor"]["tasks"] = tasks
     if workers:
