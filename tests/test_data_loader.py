@@ -56,7 +56,8 @@ def test_batch_contract(ds):
             ends = torch.nonzero(eod[r, :-1]).flatten()
             if len(ends):
                 p = ends[0].item()
-                assert not m[r, 0, p + 1, p] and not m[r, 0, p + 1, 0] and m[r, 0, p, 0]
+                m = m.reshape(x.shape[0], 64, 64)
+                assert not m[r, p + 1, p] and not m[r, p + 1, 0] and m[r, p, 0]
 
 
 def test_rows_tile_the_stream(ds):
