@@ -32,7 +32,7 @@ class Corpus:
     to_real: torch.Tensor  # dense id -> Apertus id
 
 
-def _udhr_articles(key: str) -> list[str]:
+def udhr_articles(key: str) -> list[str]:
     root = ET.parse(data_root() / "udhr" / f"udhr_{key}.xml").getroot()
     ns = {"u": "http://efele.net/udhr"}
     return [" ".join(" ".join("".join(p.itertext()).split()) for p in art.iter("{http://efele.net/udhr}para"))
@@ -53,7 +53,7 @@ def corpus(max_vocab: int | None = None) -> Corpus:
     n_val = len(speeches) // 20
     groups = {"train": speeches[:-n_val], "en": speeches[-n_val:]}
     for lang, key in UDHR.items():
-        arts = _udhr_articles(key)
+        arts = udhr_articles(key)
         groups["train"] += arts[:22]
         groups[lang] = arts[22:]
     encoded = {k: [[BOD] + e.ids + [EOD] for e in tok.encode_batch(v, add_special_tokens=False)]
@@ -72,7 +72,8 @@ def corpus(max_vocab: int | None = None) -> Corpus:
 
 class StreamLoader:
     """The PackedLoader contract over documents: the documents (shuffled by `seed`) form one token stream; row j of
-    the global order is stream[j·T : j·T + T + 1]; each call yields `batch_size` global rows, rank r taking r::w."""
+    the global order is stream[j·T : j·T + T + 1]; each call takes the next batch_size x world_size global rows, rank
+    r getting rows r::w (batch_size rows), as apertus.data.loader.PackedLoader does."""
 
     def __init__(self, docs, seq_len, batch_size, *, seed=0, rank=0, world_size=1, delay=0.0):
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -87,9 +88,10 @@ class StreamLoader:
     def __next__(self):
         time.sleep(self.delay)
         T = self.seq_len
+        n = self.batch_size * self.world_size
         rows = [self.stream[(j % self.rows) * T:(j % self.rows) * T + T + 1]
-                for j in range(self.pos + self.rank, self.pos + self.batch_size, self.world_size)]
-        self.pos += self.batch_size
+                for j in range(self.pos + self.rank, self.pos + n, self.world_size)]
+        self.pos += n
         x = torch.stack(rows)
         inputs, labels = x[:, :-1], x[:, 1:]
         starts = torch.zeros_like(inputs, dtype=torch.bool)
@@ -109,7 +111,7 @@ def make_loader(rank=0, world_size=1, docs=None, delay=0.0):
     docs = docs if docs is not None else corpus().train
 
     def make(stage):
-        return StreamLoader(docs, stage.seq_len, stage.micro_batch * world_size, seed=stage.seed, rank=rank,
+        return StreamLoader(docs, stage.seq_len, stage.micro_batch, seed=stage.seed, rank=rank,
                             world_size=world_size, delay=delay)
 
     return make
@@ -120,7 +122,7 @@ def val_batches(seq_len, global_rows, n_batches, rank=0, world_size=1, langs=("e
     c = c or corpus()
     out = {}
     for lang in langs:
-        it = StreamLoader(c.val[lang], seq_len, global_rows, rank=rank, world_size=world_size)
+        it = StreamLoader(c.val[lang], seq_len, global_rows // world_size, rank=rank, world_size=world_size)
         out[lang] = [next(it) for _ in range(n_batches)]
     return out
 

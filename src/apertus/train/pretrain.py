@@ -75,7 +75,8 @@ class PretrainSource:
 
 
 def packed_loader(recipe: Recipe, d: Dist, split: str = "train") -> Callable[[Stage], object]:
-    """Stage → PackedLoader over the recipe's built dataset, this rank's slice of each global micro-batch."""
+    """Stage → PackedLoader over the recipe's built dataset: each call gives this rank its micro-batch of rows r::w
+    of the next `micro_batch x ranks` global rows."""
     if not recipe.data.dataset:
         raise ValueError("recipe: [data] dataset is not set (a directory built by `apertus data build`)")
     if not Path(recipe.data.dataset).is_dir():
@@ -84,10 +85,49 @@ def packed_loader(recipe: Recipe, d: Dist, split: str = "train") -> Callable[[St
     from ..data.loader import PackedLoader
 
     def make(stage: Stage):
-        return PackedLoader(recipe.data.dataset, stage.seq_len, stage.micro_batch * d.world_size, stage=stage.data,
-                            split=split, seed=stage.seed, rank=d.rank, world_size=d.world_size)
+        return PackedLoader(recipe.data.dataset, stage.seq_len, stage.micro_batch, stage=stage.data, split=split,
+                            seed=stage.seed, rank=d.rank, world_size=d.world_size)
 
     return make
+
+
+def dataset_val_batches(dataset: str | Path, seq_len: int, micro_batch: int, n_batches: int, d: Dist,
+                        languages: list[str] | None = None, top: int = 4) -> dict[str, list[dict]]:
+    """Held-out documents of a built dataset, per language, packed like training rows (document masking, position
+    reset, EoD inputs masked): up to n_batches micro-batches per rank and language. Languages: the given ones, else
+    the `top` with the most held-out tokens. Every rank gets the same number of batches (rows r::w)."""
+    import numpy as np
+
+    from ..data.loader import val_documents
+    from ..model import packed_position_ids
+
+    by_lang: dict[str, list] = {}
+    for doc in val_documents(dataset):
+        by_lang.setdefault(doc["language"], []).append(doc["tokens"])
+    if languages:
+        missing = sorted(set(languages) - set(by_lang))
+        if missing:
+            raise ValueError(f"[eval] languages {', '.join(missing)} have no held-out documents in {dataset}")
+    else:
+        languages = sorted(by_lang, key=lambda k: -sum(len(t) for t in by_lang[k]))[:top]
+    out = {}
+    for lang in languages:
+        stream = torch.from_numpy(np.concatenate(by_lang[lang]).astype(np.int64))
+        per_step = micro_batch * d.world_size
+        n_rows = min((len(stream) - 1) // seq_len // per_step, n_batches) * per_step
+        if n_rows == 0:
+            continue
+        rows = torch.stack([stream[j * seq_len:j * seq_len + seq_len + 1] for j in range(d.rank, n_rows,
+                                                                                          d.world_size)])
+        batches = []
+        for x in rows.split(micro_batch):
+            inputs, labels = x[:, :-1], x[:, 1:]
+            starts = torch.zeros_like(inputs, dtype=torch.bool)
+            starts[:, 1:] = inputs[:, :-1] == 2
+            batches.append({"input_ids": inputs, "labels": labels, "loss_mask": inputs != 2,
+                            "position_ids": packed_position_ids(starts)})
+        out[lang] = batches
+    return out
 
 
 def make_validate(val: dict[str, list[dict]], token_bytes: torch.Tensor | None, d: Dist):
@@ -157,12 +197,22 @@ def build_model_for(config, d: Dist, *, init_from: str | None = None, seed: int 
     return model
 
 
-def _save_run_files(recipe: Recipe, out: Path, d: Dist):
+def _dataset_tokenizer(recipe: Recipe) -> str | None:
+    """The tokenizer a built dataset was made with (its manifest), checked against the model's vocabulary."""
+    if not recipe.data.dataset:
+        return None
+    manifest = json.loads((Path(recipe.data.dataset) / "manifest.json").read_text())["tokenizer"]
+    if manifest["vocab_size"] > recipe.model.vocab_size:
+        raise ValueError(f"recipe: [model] vocab_size {recipe.model.vocab_size:,} is smaller than the vocabulary of "
+                         f"the dataset's tokenizer ({manifest['vocab_size']:,}, {manifest['path']})")
+    return manifest["path"] if Path(manifest["path"]).exists() else None
+
+
+def _save_run_files(recipe: Recipe, out: Path, d: Dist, tok: str | None):
     if not d.main:
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
-    tok = recipe.data.tokenizer
     if tok and not (out / "tokenizer" / "tokenizer.json").exists():
         src = Path(tok)
         src = src / "tokenizer.json" if src.is_dir() else src
@@ -181,12 +231,15 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
     t, o = recipe.train, recipe.optim
     torch.manual_seed(t.seed)
     make_loader = make_loader or packed_loader(recipe, d)
+    tokenizer = _dataset_tokenizer(recipe)  # also checks the model's vocabulary covers the dataset's ids
+    tokenizer = recipe.data.tokenizer or tokenizer
     if val_batches is None and recipe.eval.every and recipe.data.dataset:
-        val_loader = packed_loader(recipe, d, split="val")(recipe.stages[0])
-        val_batches = {"val": [next(iter(val_loader)) for _ in range(recipe.eval.batches)]}
-    if token_bytes is None and recipe.data.tokenizer:
-        token_bytes = token_byte_lengths(recipe.data.tokenizer, recipe.model.vocab_size)
-    _save_run_files(recipe, out, d)
+        s0 = recipe.stages[0]
+        val_batches = dataset_val_batches(recipe.data.dataset, s0.seq_len, s0.micro_batch, recipe.eval.batches, d,
+                                          recipe.eval.languages)
+    if token_bytes is None and tokenizer:
+        token_bytes = token_byte_lengths(tokenizer, recipe.model.vocab_size)
+    _save_run_files(recipe, out, d, tokenizer)
     model = build_model_for(recipe.model, d, init_from=recipe.init_from, seed=t.seed,
                             activation_checkpointing=t.activation_checkpointing, compile=t.compile,
                             param_dtype=torch.bfloat16 if t.fsdp_param_dtype == "bf16" else None)

@@ -83,7 +83,8 @@ class Checkpoint:
 @dataclass
 class Eval:
     every: int = 0
-    batches: int = 4  # micro-batches per language
+    batches: int = 4  # micro-batches per rank and language
+    languages: list = field(default_factory=list)  # held-out languages (codes of the dataset); []: the 4 largest
 
 
 @dataclass
