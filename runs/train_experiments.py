@@ -2,6 +2,7 @@
 AdamW at equal tokens, and Goldfish against verbatim memorisation of passages seen many times.
 
     python runs/train_experiments.py --out runs/train-experiments [--steps 150] [--only ablation,goldfish]
+        [--grid "ademamix:1e-3,3e-3;adamw:3e-3,1e-2"]
 
 Text: tinyshakespeare speeches + UDHR articles (de, fr, it, rm) tokenised with the real Apertus tokenizer, the 8,188
 most frequent tokens kept (the `tiny` preset's 8,192-entry vocabulary), held-out speeches/articles for validation.
@@ -29,7 +30,7 @@ COMPILE = True
 
 
 def recipe(steps: int, **over) -> dict:
-    t = {"seq_len": SEQ, "global_batch_tokens": SEQ * ROWS, "micro_batch": 16, "steps": steps, "dtype": "bf16",
+    t = {"seq_len": SEQ, "global_batch_tokens": SEQ * ROWS, "micro_batch": ROWS, "steps": steps, "dtype": "bf16",
          "grad_clip": 1.0, "goldfish_k": 50, "goldfish_h": 50, "compile": COMPILE, "log_every": 25}
     t.update(over.pop("train", {}))
     o = {"name": "ademamix", "lr": 3e-3, "min_lr": 3e-4, "betas": [0.9, 0.999, 0.999], "alpha": 8.0,
@@ -42,7 +43,7 @@ def recipe(steps: int, **over) -> dict:
 
 def run(name: str, table: dict, out: Path, docs=None) -> dict:
     c = train_data.corpus(8192)
-    val = train_data.val_batches(SEQ, 16, 4, langs=("en", "de", "fr"), c=c)
+    val = train_data.val_batches(SEQ, ROWS, 4, langs=("en", "de", "fr"), c=c)
     result = pretrain(parse_recipe(table), out / name, Dist(), make_loader=train_data.make_loader(docs=docs or c.train),
                       val_batches=val, token_bytes=c.token_bytes)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
@@ -53,7 +54,7 @@ def unigram_baseline() -> float:
     c = train_data.corpus(8192)
     counts = torch.bincount(torch.tensor([t for d in c.train for t in d[1:]]), minlength=c.vocab_size).double() + 1
     logp = (counts / counts.sum()).log()
-    val = train_data.val_batches(SEQ, 16, 4, langs=("en",), c=c)["en"]
+    val = train_data.val_batches(SEQ, ROWS, 4, langs=("en",), c=c)["en"]
     return torch.cat([-logp[b["labels"][b["loss_mask"]]] for b in val]).mean().item()
 
 
@@ -114,7 +115,7 @@ def goldfish_experiment(out: Path, steps: int, repeats: int) -> dict:
     results = {}
     for name, k in (("standard loss", 0), ("Goldfish k=50", 50), ("Goldfish k=4", 4)):
         tag = f"goldfish-k{k}"
-        r = run(tag, recipe(steps, train={"goldfish_k": k}), out, docs=docs)
+        r = run(tag, recipe(steps, train={"goldfish_k": k}, optim={"lr": 1e-3, "min_lr": 1e-4}), out, docs=docs)
         model = load_model(export_checkpoint(out / tag, out / f"{tag}-hf", dtype="fp32")).eval()
         results[name] = {"probes": memorisation(model, probes, 32, 96),
                          "unseen controls": memorisation(model, controls, 32, 96),
@@ -138,8 +139,8 @@ def goldfish_experiment(out: Path, steps: int, repeats: int) -> dict:
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Goldfish vs memorisation: 8 passages x {repeats} exposures, greedy continuation of 32 tokens",
-                 fontsize=9)
+    fig.suptitle(f"Goldfish vs memorisation: 8 passages repeated {repeats}x in the data ({steps} steps of 4,096 "
+                 f"tokens, rows of {SEQ}), greedy continuation of 32-token prefixes", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "goldfish.png", dpi=130)
     plt.close(fig)
@@ -153,9 +154,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=32)
     ap.add_argument("--only", default="ablation,goldfish")
     ap.add_argument("--eager", action="store_true", help="without torch.compile")
+    ap.add_argument("--seq", type=int, default=256, help="sequence length (rows per step: 4096 tokens / seq)")
+    ap.add_argument("--grid", default="ademamix:1e-3,3e-3;adamw:3e-3,1e-2", help="optimizer:lr,lr;... (ablation)")
     args = ap.parse_args()
-    global COMPILE
-    COMPILE = not args.eager
+    global COMPILE, SEQ, ROWS
+    COMPILE, SEQ, ROWS = not args.eager, args.seq, 4096 // args.seq
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res_file = out / "results.json"
@@ -165,17 +168,20 @@ def main():
     results["unigram_baseline_en"] = baseline
     if "ablation" in only:  # the first run (the recipe's own settings) is also the learning curve
         runs = {}
-        for opt, lrs in (("ademamix", (3e-3, 1e-3)), ("adamw", (3e-3, 1e-2))):
+        grid = [(opt, [float(x) for x in lrs.split(",")]) for opt, lrs in
+                (part.split(":") for part in args.grid.split(";"))]
+        for opt, lrs in grid:
             for lr in lrs:
                 name = f"{opt} lr {lr:g}"
-                runs[name] = run(f"{opt}-{lr:g}", recipe(args.steps, optim={"name": opt, "lr": lr,
-                                                                             "min_lr": lr / 10}), out)
+                runs[name] = run(f"{opt}-{lr:g}-{args.steps}", recipe(args.steps, optim={
+                    "name": opt, "lr": lr, "min_lr": lr / 10}), out)
                 print(name, runs[name]["final"], flush=True)
         first = next(iter(runs))
         plot_curves({f"tiny preset, {first}, Goldfish k=50": runs[first]}, out / "learning.png",
                     f"tiny preset ({args.steps} steps of {SEQ * ROWS:,} tokens)", baseline)
-        plot_curves(runs, out / "ablation.png", f"AdEMAMix vs AdamW at equal tokens ({args.steps} steps)", baseline)
-        results["ablation"] = {k: v["final"] for k, v in runs.items()}
+        plot_curves(runs, out / f"ablation-{args.steps}.png", f"AdEMAMix vs AdamW at equal tokens ({args.steps} "
+                    f"steps of {SEQ * ROWS:,} tokens)", baseline)
+        results.setdefault("ablation", {}).update({f"{k}, {args.steps} steps": v["final"] for k, v in runs.items()})
         res_file.write_text(json.dumps(results, indent=1))
     if "goldfish" in only:
         results["goldfish"] = goldfish_experiment(out, args.steps, args.repeats)

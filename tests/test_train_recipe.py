@@ -121,6 +121,14 @@ def test_stages_switch_data_seed_batch_theta_and_lr(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows] == [512, 1024, 2048, 3072, 4096, 5120]
     assert [r["lr"] for r in rows] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-3, 0.0, 5e-4])
+    # the loss of a step sees the stage of that step's batches, up to its last step
+    model = build_model(recipe.model, seed=0)
+    source = PretrainSource(recipe, model, Dist(), train_data.make_loader())
+    seen = []
+    for _ in range(6):
+        source.next_step()
+        seen.append(source.stage.name)
+    assert seen == ["s1", "s1", "s1-big", "s1-big", "long", "long"]
     # resuming inside the long-context stage restores its θ and data position
     model = build_model(recipe.model, seed=0)
     source = PretrainSource(recipe, model, Dist(), train_data.make_loader())

@@ -39,7 +39,8 @@ class PretrainSource:
 
     @property
     def stage(self) -> Stage:
-        return self.recipe.stages[self.recipe.stage_at(self.step)]
+        """The stage of the micro-batches handed out last (what the loss of the current step is computed on)."""
+        return self.recipe.stages[self.index if self.index is not None else self.recipe.stage_at(self.step)]
 
     def _enter(self, index: int, loader_state: dict | None = None):
         new = self.recipe.stages[index]
