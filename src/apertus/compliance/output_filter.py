@@ -63,9 +63,16 @@ def _width(pattern: re.Pattern) -> int | None:
 
 
 def _card(text: str, m: re.Match) -> int | None:
-    digits = re.sub(r"[ -]", "", m.group())
-    ok = 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_valid(digits)
-    return m.end() if ok else None
+    """The longest Luhn-valid card number the match starts with (it may run into a following number: "4063996316836
+    4993 ..."), ending where the pattern's lookahead allows (before a space, not a digit or hyphen)."""
+    s = m.group()
+    for end in range(len(s), 12, -1):
+        if not s[end - 1].isdigit() or (end < len(s) and s[end] != " "):
+            continue
+        digits = s[:end].replace(" ", "").replace("-", "")
+        if 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_valid(digits):
+            return m.start() + end
+    return None
 
 
 def _phone(text: str, m: re.Match) -> int | None:
