@@ -23,7 +23,8 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_token(cfg, dtype: torch.dtype) -> int:
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        size = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size
 
     @property
     def capacity(self) -> int:
@@ -62,7 +63,11 @@ class PagedKVCache:
         n_keys = int((start + length).max())
         j = torch.arange(n_keys, device=dev)[None]
         read = table.gather(1, (j // P).expand(B, -1)) * P + j % P  # pages past a row's end are scratch
-        mask = (j[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, n_keys); causal within each row
+        # (B, 1, T, n_keys), causal within each row, additive in the cache dtype (SDPA on CPU runs that about twice as
+        # fast as bool). Keys before the shortest row's start are visible to all: only the columns after it are built.
+        mask = torch.zeros(B, 1, T, n_keys, dtype=self.k.dtype, device=dev)
+        lo = min(starts)
+        mask[:, 0, :, lo:] = torch.where(j[:, None, lo:] <= positions[:, :, None], 0.0, float("-inf"))
         return StepView(self, write.flatten(), read, B, T), positions, mask
 
 

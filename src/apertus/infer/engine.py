@@ -117,10 +117,27 @@ def _load_tokenizer(tokenizer, model_dir: Path | None):
     return getattr(tokenizer, "inner", tokenizer)
 
 
+def _checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint was saved in (config.json torch_dtype / dtype), fp32 when it does not say."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    return torch.bfloat16 if cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16" else torch.float32
+
+
 class Engine:
+    """`Engine(checkpoint_dir | preset | model, tokenizer=None, dtype=None, ...)`.
+
+    dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
+    quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
+    """
+
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
                  cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 512, max_queue: int = 1024,
-                 page_size: int = 16):
+                 page_size: int = 16, quantize: str | None = None):
         from ..checkpoint import load_model, parse_dtype
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -130,8 +147,16 @@ class Engine:
             model = model_or_path.to(device=device, dtype=dtype) if dtype else model_or_path.to(device)
         else:
             model_dir = Path(model_or_path) if Path(model_or_path).is_dir() else None
-            model = load_model(model_or_path, dtype=dtype or (torch.bfloat16 if device.type == "cuda"
-                                                             else torch.float32), device=device)
+            if dtype is None:
+                dtype = torch.bfloat16 if device.type == "cuda" or (
+                    model_dir and _checkpoint_dtype(model_dir) == torch.bfloat16) else torch.float32
+            model = load_model(model_or_path, dtype=dtype, device=device)
+        if quantize is not None:
+            from .quant import quantize_int8
+
+            if quantize != "int8" or device.type != "cpu":
+                raise ValueError(f"engine: quantize={quantize!r} is not supported (int8 on CPU only)")
+            quantize_int8(model)
         self.model, self.config, self.device = model.eval(), model.config, device
         self.tokenizer = _load_tokenizer(tokenizer, model_dir)
         gen = {}
@@ -146,7 +171,7 @@ class Engine:
                 raise ValueError(f"engine: {name} = {value} must be positive")
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         # The cache never needs more than max_batch full contexts; within that, the budget decides.
-        kv_dtype = model.lm_head.weight.dtype
+        kv_dtype = model.model.norm.weight.dtype
         per_token = PagedKVCache.bytes_per_token(self.config, kv_dtype)
         tokens = min(int(cache_gb * 2**30) // per_token, max_batch * self.config.max_position_embeddings)
         if tokens < page_size:
@@ -168,10 +193,11 @@ class Engine:
         """Longest prompt + output one request may have: the model's context, or the cache if it is smaller."""
         return min(self.config.max_position_embeddings, self.cache.capacity)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of text; bos=False for text that already carries <s> (a rendered chat)."""
         if self.tokenizer is None:
             raise ValueError("engine: this model has no tokenizer.json; pass token ids or a tokenizer")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text, add_special_tokens=bos).ids
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, on_event=None,
                block: bool = False) -> Request:
@@ -375,8 +401,8 @@ class Engine:
         ids = [r._tokens[r._n_cached:r._n_cached + n] + [0] * (T - n) for r, n in group]
         input_ids = torch.tensor(ids, device=self.device)
         view, positions, mask = self.cache.view([r._pages for r in reqs], [r._n_cached for r in reqs], feeds, T)
-        if len(reqs) == 1:
-            mask = None  # one row, no padding: the model's own causal alignment is the same mask, and faster
+        if len(reqs) == 1 and (T == 1 or reqs[0]._n_cached == 0):
+            mask = None  # one row, no padding, all keys visible or plain causal: SDPA's fastest paths
         h = self.model.hidden_states(input_ids, positions, mask, view)
         self.stats["forwards"] += 1
         key = "decode_tokens" if T == 1 else "prefill_tokens"

@@ -153,8 +153,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         dev = logits.device
         rows = torch.tensor(sampled, device=dev)
 
-        def col(name, dtype):
-            return torch.tensor([getattr(params[b], name) for b in sampled], dtype=dtype, device=dev)
+        def col(name, dtype):  # unresolved (None) values mean "off"
+            values = [getattr(params[b], name) for b in sampled]
+            off = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}.get(name)
+            return torch.tensor([off if v is None else v for v in values], dtype=dtype, device=dev)
 
         probs = filtered_probs(logits[rows], col("temperature", torch.float32), col("top_k", torch.long),
                                col("top_p", torch.float32), col("min_p", torch.float32))

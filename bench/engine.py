@@ -1,0 +1,76 @@
+"""Generation tokens/s: the apertus engine vs transformers' `generate`, same checkpoint, same prompts, greedy.
+
+    python bench/engine.py [--preset tiny] [--dtype fp32] [--new 64] [--concurrency 1 8 32] [--prefill 1024]
+
+- decode: one request (16-token prompt) generating --new tokens; tokens/s of the whole call.
+- C concurrent: C requests with prompts of 16..256 tokens (mixed), each generating --new tokens; the engine takes
+  them as submitted requests (continuous batching), transformers as one left-padded batch; total new tokens/s.
+- prefill: one prompt of --prefill tokens and a single new token; prompt tokens/s.
+Every request generates exactly --new tokens (EOS ignored) so both sides do the same work. Ours and transformers
+alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours.
+"""
+
+import argparse
+import tempfile
+
+import torch
+import transformers
+from _timing import interleaved
+
+from apertus import build_model, preset
+from apertus.checkpoint import parse_dtype
+from apertus.infer import Engine, SamplingParams
+
+
+def hf_generate(model, prompts, new):
+    """transformers' batched greedy generate, left padding (its recommended setup for decoder-only batches)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                             pad_token_id=3)
+    assert out.shape[1] == width + new
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    dtype = parse_dtype(args.dtype)
+    cfg = preset(args.preset)
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        build_model(cfg, seed=0).save_pretrained(d)
+        engine = Engine(d, dtype=dtype, max_batch=max(args.concurrency))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+    greedy = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
+    print(f"greedy generation, {args.preset} ({engine.model.num_params() / 1e6:.1f}M params, vocab "
+          f"{cfg.vocab_size}), {args.dtype}, {torch.get_num_threads()} threads, {args.new} new tokens per request")
+    print(f"{'workload':24} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+
+    def row(name, tokens, ours, theirs):
+        t = interleaved({"ours": ours, "ref": theirs}, rounds=args.rounds)
+        print(f"{name:24} {tokens / t['ours']:14,.0f} {tokens / t['ref']:19,.0f} {t['ref'] / t['ours']:5.2f}x",
+              flush=True)
+
+    for c in args.concurrency:
+        lengths = [16] if c == 1 else torch.randint(16, 257, (c,), generator=g).tolist()
+        prompts = [[1] + torch.randint(1000, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lengths]
+        name = "decode, batch 1" if c == 1 else f"{c} concurrent requests"
+        row(name, c * args.new, lambda p=prompts: engine.generate(p, greedy), lambda p=prompts: hf_generate(ref, p,
+                                                                                                           args.new))
+    prompt = [[1] + torch.randint(1000, cfg.vocab_size, (args.prefill - 1,), generator=g).tolist()]
+    one = SamplingParams(temperature=0, max_tokens=1)
+    row(f"prefill {args.prefill} tokens", args.prefill, lambda: engine.generate(prompt, one),
+        lambda: hf_generate(ref, prompt, 1))
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
