@@ -5,8 +5,11 @@
 - decode: one request (16-token prompt) generating --new tokens; tokens/s of the whole call.
 - C concurrent: C requests with prompts of 16..256 tokens (mixed), each generating --new tokens; the engine takes
   them as submitted requests (continuous batching), transformers as one left-padded batch; total new tokens/s.
+- C concurrent, mixed output lengths: as above but request i wants between --new/4 and 2·--new tokens; a static
+  batch runs until its longest request is done, so only the tokens asked for are counted, for both.
 - prefill: one prompt of --prefill tokens and a single new token; prompt tokens/s.
-Every request generates exactly --new tokens (EOS ignored) so both sides do the same work. Ours and transformers
+- int8: decode at batch 1 with our weight-only int8 linears (CPU), against transformers in --dtype.
+Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
 alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours.
 """
 
@@ -22,7 +25,7 @@ from apertus.checkpoint import parse_dtype
 from apertus.infer import Engine, SamplingParams
 
 
-def hf_generate(model, prompts, new):
+def hf_generate(model, prompts, new: int):
     """transformers' batched greedy generate, left padding (its recommended setup for decoder-only batches)."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
@@ -41,6 +44,7 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 row")
     args = ap.parse_args()
     dtype = parse_dtype(args.dtype)
     cfg = preset(args.preset)
@@ -49,6 +53,7 @@ def main():
         build_model(cfg, seed=0).save_pretrained(d)
         engine = Engine(d, dtype=dtype, max_batch=max(args.concurrency))
         ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+        int8 = None if args.no_int8 or engine.device.type != "cpu" else Engine(d, quantize="int8")
     greedy = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
     print(f"greedy generation, {args.preset} ({engine.model.num_params() / 1e6:.1f}M params, vocab "
           f"{cfg.vocab_size}), {args.dtype}, {torch.get_num_threads()} threads, {args.new} new tokens per request")
@@ -59,16 +64,29 @@ def main():
         print(f"{name:24} {tokens / t['ours']:14,.0f} {tokens / t['ref']:19,.0f} {t['ref'] / t['ours']:5.2f}x",
               flush=True)
 
+    def make_prompts(lengths):
+        return [[1] + torch.randint(1000, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lengths]
+
     for c in args.concurrency:
-        lengths = [16] if c == 1 else torch.randint(16, 257, (c,), generator=g).tolist()
-        prompts = [[1] + torch.randint(1000, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lengths]
+        prompts = make_prompts([16] if c == 1 else torch.randint(16, 257, (c,), generator=g).tolist())
         name = "decode, batch 1" if c == 1 else f"{c} concurrent requests"
-        row(name, c * args.new, lambda p=prompts: engine.generate(p, greedy), lambda p=prompts: hf_generate(ref, p,
-                                                                                                           args.new))
-    prompt = [[1] + torch.randint(1000, cfg.vocab_size, (args.prefill - 1,), generator=g).tolist()]
+        row(name, c * args.new, lambda p=prompts: engine.generate(p, greedy),
+            lambda p=prompts: hf_generate(ref, p, args.new))
+    c = max(args.concurrency)
+    prompts = make_prompts(torch.randint(16, 257, (c,), generator=g).tolist())
+    wants = torch.randint(args.new // 4, 2 * args.new + 1, (c,), generator=g).tolist()
+    mixed = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wants]
+    row(f"{c} concurrent, mixed out", sum(wants), lambda: engine.generate(prompts, mixed),
+        lambda: hf_generate(ref, prompts, max(wants)))
+    prompt = make_prompts([args.prefill])
     one = SamplingParams(temperature=0, max_tokens=1)
     row(f"prefill {args.prefill} tokens", args.prefill, lambda: engine.generate(prompt, one),
         lambda: hf_generate(ref, prompt, 1))
+    if int8 is not None:
+        prompt = make_prompts([16])
+        row("decode b1, ours int8", args.new, lambda: int8.generate(prompt, greedy),
+            lambda: hf_generate(ref, prompt, args.new))
+        int8.close()
     engine.close()
 
 

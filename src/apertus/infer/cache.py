@@ -2,7 +2,7 @@
 
 Keys and values of all sequences live in one (tokens, n_kv, head_dim) buffer per layer, handed out in pages of
 `page_size` token slots, so one long request and many short ones share the same memory (no per-slot maximum length).
-The last page is a scratch page: padding positions of a batch write there and are never read as real keys.
+One extra page stays zero: rows of a decode batch shorter than the longest read it as (masked) padding keys.
 """
 
 from __future__ import annotations
@@ -46,40 +46,66 @@ class PagedKVCache:
         self.free_pages.extend(reversed(pages))
         pages.clear()
 
-    def view(self, page_tables: list[list[int]], starts: list[int], lengths: list[int], T: int) -> StepView:
-        """The cache as seen by one forward over B rows: row b has `starts[b]` tokens cached and feeds `lengths[b]`
-        new ones (padded to T). Returns the view to pass as `cache=` and the matching position ids and mask."""
-        dev, P = self.k.device, self.page_size
-        B = len(page_tables)
+    def _table(self, page_tables: list[list[int]]) -> torch.Tensor:
+        """(rows, pages) page numbers, padded with the scratch page (zeros, never written)."""
         width = max(len(p) for p in page_tables)
-        table = torch.tensor([p + [self.n_pages] * (width - len(p)) for p in page_tables], device=dev)
-        start = torch.tensor(starts, device=dev)[:, None]
-        length = torch.tensor(lengths, device=dev)[:, None]
-        i = torch.arange(T, device=dev)[None]
-        positions = start + i  # (B, T); padding continues the count and is masked out below
-        valid = i < length
-        page = table.gather(1, torch.where(valid, positions // P, 0))
-        write = torch.where(valid, page * P + positions % P, self.scratch + i % P)
-        n_keys = int((start + length).max())
-        j = torch.arange(n_keys, device=dev)[None]
-        read = table.gather(1, (j // P).expand(B, -1)) * P + j % P  # pages past a row's end are scratch
-        # (B, 1, T, n_keys), causal within each row, additive in the cache dtype (SDPA on CPU runs that about twice as
-        # fast as bool). Keys before the shortest row's start are visible to all: only the columns after it are built.
-        mask = torch.zeros(B, 1, T, n_keys, dtype=self.k.dtype, device=dev)
-        lo = min(starts)
-        mask[:, 0, :, lo:] = torch.where(j[:, None, lo:] <= positions[:, :, None], 0.0, float("-inf"))
-        return StepView(self, write.flatten(), read, B, T), positions, mask
+        return torch.tensor([p + [self.n_pages] * (width - len(p)) for p in page_tables], device=self.k.device)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        # additive masks in the cache dtype: SDPA on CPU runs them about twice as fast as the same mask in bool
+        return torch.zeros(allowed.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(~allowed, -torch.inf)
+
+    def decode_view(self, page_tables: list[list[int]], lengths: list[int]):
+        """One new token for each of B rows, row b having lengths[b] tokens cached: a (B, 1) batch whose keys are
+        padded to the longest row. Returns (cache view, position ids (B, 1), mask (B, 1, 1, keys) or None)."""
+        dev, P = self.k.device, self.page_size
+        table = self._table(page_tables)
+        pos = torch.tensor(lengths, device=dev)[:, None]
+        write = table.gather(1, pos // P) * P + pos % P
+        j = torch.arange(int(pos.max()) + 1, device=dev)[None]
+        read = table.gather(1, (j // P).expand(len(lengths), -1)) * P + j % P
+        mask = None if len(lengths) == 1 else self._additive(j <= pos)[:, None, None]
+        return StepView(self, write.flatten(), read), pos, mask
+
+    def prefill_view(self, page_tables: list[list[int]], starts: list[int], lengths: list[int]):
+        """Prompt chunks of several rows packed into ONE row (no padding): row b feeds lengths[b] tokens after its
+        starts[b] cached ones, and each token sees only its own row's keys. Returns (view, position ids (1, T),
+        mask (1, 1, T, keys) or None for one row from the start, which the model runs as plain causal attention)."""
+        dev, P = self.k.device, self.page_size
+        table = self._table(page_tables)
+        rows = torch.arange(len(lengths), device=dev)
+        start, length = torch.tensor(starts, device=dev), torch.tensor(lengths, device=dev)
+        q_row = rows.repeat_interleave(length)
+        q_pos = start[q_row] + torch.arange(len(q_row), device=dev) - (torch.cumsum(length, 0) - length)[q_row]
+        k_row = rows.repeat_interleave(start + length)
+        k_pos = torch.arange(len(k_row), device=dev) - (torch.cumsum(start + length, 0) - start - length)[k_row]
+        write = table[q_row, q_pos // P] * P + q_pos % P
+        read = (table[k_row, k_pos // P] * P + k_pos % P)[None]
+        if len(lengths) == 1 and starts[0] == 0:
+            mask = None
+        elif len(lengths) == 1:  # only the last block of keys is causal; the cached ones are all visible
+            mask = torch.zeros(lengths[0], len(k_row), dtype=self.k.dtype, device=dev)
+            mask[:, starts[0]:] = self._additive(torch.ones(lengths[0], lengths[0], dtype=torch.bool,
+                                                            device=dev).tril())
+            mask = mask[None, None]
+        else:
+            mask = self._additive((q_row[:, None] == k_row[None]) & (k_pos[None] <= q_pos[:, None]))[None, None]
+        return StepView(self, write, read), q_pos[None], mask
 
 
 class StepView:
     """What the model's attention calls: `k, v = cache.update(layer_idx, k, v)` with k, v (B, n_kv, T, head_dim)."""
 
-    def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor, B: int, T: int):
-        self.cache, self.write, self.read, self.B, self.T = cache, write, read, B, T
+    def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor):
+        self.cache, self.write, self.read, self.read_flat = cache, write, read, read.flatten()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         K, V = self.cache.k[layer], self.cache.v[layer]
         K.index_copy_(0, self.write, k.transpose(1, 2).reshape(-1, *K.shape[1:]))
         V.index_copy_(0, self.write, v.transpose(1, 2).reshape(-1, *V.shape[1:]))
-        # (B, n_keys, n_kv, D) -> (B, n_kv, n_keys, D) as a strided view; SDPA reads it as is
-        return K[self.read].transpose(1, 2), V[self.read].transpose(1, 2)
+        # index_select copies whole (n_kv, D) rows (several times faster than advanced indexing on CPU);
+        # (B, n_keys, n_kv, D) -> (B, n_kv, n_keys, D) as a strided view, which SDPA reads as is
+        shape = (*self.read.shape, *K.shape[1:])
+        k = K.index_select(0, self.read_flat).view(shape).transpose(1, 2)
+        v = V.index_select(0, self.read_flat).view(shape).transpose(1, 2)
+        return k, v

@@ -128,6 +128,20 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
     return torch.bfloat16 if cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16" else torch.float32
 
 
+def _packs(rows, max_keys: int):
+    """Split prompt chunks into packs of at most max_keys keys (cached + new) each: a pack is one row whose tokens
+    attend to all its keys (masked per request), so the wasted attention grows with the pack's keys squared."""
+    packs, keys = [], max_keys
+    for req, n in rows:
+        k = req._n_cached + n
+        if keys + k > max_keys:
+            packs.append([])
+            keys = 0
+        packs[-1].append((req, n))
+        keys += k
+    return packs
+
+
 class Engine:
     """`Engine(checkpoint_dir | preset | model, tokenizer=None, dtype=None, ...)`.
 
@@ -136,7 +150,7 @@ class Engine:
     """
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
-                 cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 512, max_queue: int = 1024,
+                 cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 2048, max_queue: int = 1024,
                  page_size: int = 16, quantize: str | None = None):
         from ..checkpoint import load_model, parse_dtype
 
@@ -170,6 +184,11 @@ class Engine:
             if value <= 0:
                 raise ValueError(f"engine: {name} = {value} must be positive")
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
+        # Packed prompt chunks waste attention across requests; cap a pack's keys so that the waste stays near a
+        # quarter of the useful matmul work: keys * 4*heads*head_dim*layers <= 0.25 * 2*(weights in the layers).
+        cfg = self.config
+        layer_weights = cfg.num_params(embeddings=False) - cfg.vocab_size * cfg.hidden_size
+        self.pack_keys = max(256, layer_weights // (8 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers))
         # The cache never needs more than max_batch full contexts; within that, the budget decides.
         kv_dtype = model.model.norm.weight.dtype
         per_token = PagedKVCache.bytes_per_token(self.config, kv_dtype)
@@ -361,11 +380,13 @@ class Engine:
     def _step(self):
         with self._lock:
             self._admit()
-            groups = [g for g in self._plan() if g]
+            decode, prefill = self._plan()
+        groups = [(decode, True)] if decode else []
+        groups += [(pack, False) for pack in _packs(prefill, self.pack_keys)]
         self.stats["steps"] += 1
         rows, hidden = [], []
-        for group in groups:
-            h = self._forward(group)
+        for group, decode in groups:
+            h = self._forward(group, decode)
             for (req, n), hb in zip(group, h, strict=True):
                 if req._n_cached + n == len(req._tokens):  # fed everything it has: its next token is due
                     rows.append(req)
@@ -381,7 +402,7 @@ class Engine:
                              [r._out_counts for r in rows])
         out = []
         with self._lock:
-            for group in groups:
+            for group, _ in groups:
                 for req, n in group:
                     if not req.finished and req in self._running:
                         req._n_cached += n
@@ -394,20 +415,24 @@ class Engine:
                     out.append((req, self._accept(req, tokens[b], lps[b] if lps else None, top)))
         self._dispatch(out)
 
-    def _forward(self, group) -> torch.Tensor:
-        """One batched forward of the rows' next tokens through the cache; the hidden state of each row's last one."""
+    def _forward(self, group, decode: bool) -> torch.Tensor:
+        """One forward of the rows' next tokens through the cache; the final hidden state of each row's last token.
+        Decoding rows go as a (B, 1) batch; prompt chunks are packed into one row (no padding)."""
         reqs, feeds = [r for r, _ in group], [n for _, n in group]
-        T = max(feeds)
-        ids = [r._tokens[r._n_cached:r._n_cached + n] + [0] * (T - n) for r, n in group]
-        input_ids = torch.tensor(ids, device=self.device)
-        view, positions, mask = self.cache.view([r._pages for r in reqs], [r._n_cached for r in reqs], feeds, T)
-        if len(reqs) == 1 and (T == 1 or reqs[0]._n_cached == 0):
-            mask = None  # one row, no padding, all keys visible or plain causal: SDPA's fastest paths
+        ids = [t for r, n in group for t in r._tokens[r._n_cached:r._n_cached + n]]
+        tables, starts = [r._pages for r in reqs], [r._n_cached for r in reqs]
+        if decode:
+            input_ids = torch.tensor(ids, device=self.device)[:, None]
+            view, positions, mask = self.cache.decode_view(tables, starts)
+        else:
+            input_ids = torch.tensor(ids, device=self.device)[None]
+            view, positions, mask = self.cache.prefill_view(tables, starts, feeds)
         h = self.model.hidden_states(input_ids, positions, mask, view)
         self.stats["forwards"] += 1
-        key = "decode_tokens" if T == 1 else "prefill_tokens"
-        self.stats[key] += sum(feeds)
-        return h[torch.arange(len(reqs), device=self.device), torch.tensor(feeds, device=self.device) - 1]
+        self.stats["decode_tokens" if decode else "prefill_tokens"] += len(ids)
+        if decode:
+            return h[:, 0]
+        return h[0, torch.cumsum(torch.tensor(feeds, device=self.device), 0) - 1]
 
     def _init_penalty_state(self, req: Request):
         V = self.config.vocab_size
