@@ -1,6 +1,7 @@
 """The engine against transformers' `generate` (tokens and log-probabilities), against itself run alone (continuous
 batching, preemption, seeds), and against the real Apertus tokenizer (stop strings, streaming text)."""
 
+import io
 import subprocess
 import sys
 import threading
@@ -224,32 +225,37 @@ def bigram_checkpoint(path, chains, tokenizer_json, instruct):
                         num_attention_heads=2, num_key_value_heads=1)
     model = build_model(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
+    heads = [t for chain in chains for t in chain[:-1]]
+    assert len(set(heads)) == len(heads), "a token may predict only one successor"
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.zero_()
         model.model.layers[0].mlp.down_proj.weight.zero_()
         for chain in chains:
-            assert len(set(chain)) == len(chain)
             for a, b in zip(chain[:-1], chain[1:], strict=True):
                 u = torch.randn(64, generator=g)
                 model.model.embed_tokens.weight[a] = u / u.norm()
-                model.lm_head.weight[b] = 50 * u / u.norm()
+                model.lm_head.weight[b] += 50 * u / u.norm()  # a token may follow several
     model.save_pretrained(path, instruct=instruct, extra_files={"tokenizer.json": tokenizer_json.read_text()})
 
 
 TEXT = "Grüezi mitenand! Ça va? Привет, мир. 日本語のテキスト 🦀 ½"
+REPLY = "Hoi zäme wie gohts"  # the instruct model's answer after <|assistant_start|>
 
 
 @pytest.fixture(scope="module")
 def text_models(tmp_path_factory, apertus_tokenizer_json):
-    """Base and instruct checkpoints (real tokenizer) that answer <s> with TEXT, then <|assistant_end|>, then </s>."""
+    """Base and instruct checkpoints (real tokenizer) that answer <s> with TEXT, then <|assistant_end|>, then </s>,
+    and <|assistant_start|> with REPLY, then <|assistant_end|>."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(apertus_tokenizer_json))
     ids = tok.encode(TEXT, add_special_tokens=False).ids
+    reply = tok.encode(REPLY, add_special_tokens=False).ids
     dirs, engines = {}, {}
     for kind in ("base", "instruct"):
         dirs[kind] = tmp_path_factory.mktemp(kind)
-        bigram_checkpoint(dirs[kind], [[1] + ids + [68, 2]], apertus_tokenizer_json, instruct=kind == "instruct")
+        bigram_checkpoint(dirs[kind], [[1] + ids + [68, 2], [67] + reply + [68]], apertus_tokenizer_json,
+                          instruct=kind == "instruct")
         engines[kind] = Engine(dirs[kind], tokenizer=tok)
     yield tok, ids, dirs, engines
     for e in engines.values():
@@ -316,3 +322,33 @@ def test_generate_command(text_models):
 def test_generate_command_refuses_too_long_requests(text_models, capsys):
     assert main(["generate", str(text_models[2]["base"]), "--prompt", "x", "--max-tokens", "70000"]) == 2
     assert "exceeds the model's context of 65,536" in capsys.readouterr().err
+
+
+def test_chat_command(text_models):
+    out, _ = run_cli("chat", text_models[2]["instruct"], "--temperature", "0",
+                     stdin="Grüezi\n/think on\nNo chli meh\n/reset\n/system Du bisch en Bärner.\nHoi\n/quit\n")
+    assert out.count(REPLY) == 3 and "[deliberation on]" in out and "[conversation reset]" in out
+
+
+def test_chat_loop_shows_reasoning_apart_and_keeps_the_answer(tmp_path, apertus_tokenizer_json):
+    from apertus.infer.repl import chat_loop
+
+    tok = Engine.__init__.__globals__["_load_tokenizer"](apertus_tokenizer_json, None)
+    think, answer = tok.encode("Let me think", bos=False), tok.encode("Forty-two", bos=False)
+    bigram_checkpoint(tmp_path, [[67, 69] + think + [70] + answer + [68]], apertus_tokenizer_json, instruct=True)
+    lines, out, prompts_seen = iter(["What is 6 x 7?", "And 7 x 6?"]), io.StringIO(), []
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    with Engine(tmp_path) as e:
+        submit = e.submit
+        e.submit = lambda ids, params: prompts_seen.append(ids) or submit(ids, params)
+        chat_loop(e, SamplingParams(temperature=0, max_tokens=50), thinking=True, read=read, out=out)
+    assert out.getvalue().count("[reasoning] Let me think\n[answer] Forty-two\n") == 2
+    second = tok.decode(prompts_seen[1])
+    assert "Deliberation: enabled" in second and "<|assistant_start|>Forty-two<|assistant_end|>" in second
+    assert "Let me think" not in second  # reasoning of earlier turns is not fed back

@@ -43,8 +43,8 @@ class PagedKVCache:
         return True
 
     def release(self, pages: list[int]):
+        """Give a sequence's pages back. The list itself is left alone: a forward in flight may still read it."""
         self.free_pages.extend(reversed(pages))
-        pages.clear()
 
     def _table(self, page_tables: list[list[int]]) -> torch.Tensor:
         """(rows, pages) page numbers, padded with the scratch page (zeros, never written)."""

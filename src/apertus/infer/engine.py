@@ -101,20 +101,16 @@ class Request:
 
 
 def _load_tokenizer(tokenizer, model_dir: Path | None):
-    """A `tokenizers.Tokenizer` from: None (the checkpoint's tokenizer.json, if any), a path, or an object that has one
-    (`apertus.tokenizer.Tokenizer.inner`)."""
-    from tokenizers import Tokenizer
+    """An `apertus.tokenizer.Tokenizer` from: None (the checkpoint's tokenizer.json, if any), a path, a Tokenizer or a
+    bare `tokenizers.Tokenizer`."""
+    from ..tokenizer import Tokenizer
 
     if tokenizer is None:
-        file = model_dir / "tokenizer.json" if model_dir is not None else None
-        return Tokenizer.from_file(str(file)) if file is not None and file.exists() else None
+        has = model_dir is not None and (model_dir / "tokenizer.json").exists()
+        return Tokenizer.from_file(model_dir) if has else None
     if isinstance(tokenizer, (str, Path)):
-        path = Path(tokenizer)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.exists():
-            raise FileNotFoundError(f"{path}: no tokenizer.json")
-        return Tokenizer.from_file(str(file))
-    return getattr(tokenizer, "inner", tokenizer)
+        return Tokenizer.from_file(tokenizer)
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
 
 
 def _checkpoint_dtype(path: Path) -> torch.dtype:
@@ -132,12 +128,12 @@ def _packs(rows, max_keys: int):
     """Split prompt chunks into packs of at most max_keys keys (cached + new) each: a pack is one row whose tokens
     attend to all its keys (masked per request), so the wasted attention grows with the pack's keys squared."""
     packs, keys = [], max_keys
-    for req, n in rows:
-        k = req._n_cached + n
+    for row in rows:
+        k = row[0]._n_cached + row[1]
         if keys + k > max_keys:
             packs.append([])
             keys = 0
-        packs[-1].append((req, n))
+        packs[-1].append(row)
         keys += k
     return packs
 
@@ -216,7 +212,7 @@ class Engine:
         """Token ids of text; bos=False for text that already carries <s> (a rendered chat)."""
         if self.tokenizer is None:
             raise ValueError("engine: this model has no tokenizer.json; pass token ids or a tokenizer")
-        return self.tokenizer.encode(text, add_special_tokens=bos).ids
+        return self.tokenizer.encode(text, bos=bos)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, on_event=None,
                block: bool = False) -> Request:
@@ -315,11 +311,13 @@ class Engine:
         if req in self._running:
             self._running.remove(req)
         self.cache.release(req._pages)
+        req._pages = []
         self._lock.notify_all()
         return Delta(text, [], finish_reason=reason)
 
     def _preempt(self, req: Request):
         self.cache.release(req._pages)
+        req._pages = []
         req._n_cached = 0
         self._running.remove(req)
         self._waiting.appendleft(req)
@@ -336,7 +334,7 @@ class Engine:
         self._lock.notify_all()  # room in the queue for blocked submitters
 
     def _plan(self):
-        """Rows of this step: (request, tokens to feed) for decoding requests and for a prefill chunk."""
+        """Rows of this step, (request, tokens to feed, its page list), for decoding requests and prompt chunks."""
         decode, prefill, budget = [], [], self.prefill_chunk
         for req in list(self._running):
             if req not in self._running:  # preempted below for an older request
@@ -349,8 +347,8 @@ class Engine:
                 self._preempt(self._running[-1])  # the youngest makes room (possibly req itself)
                 if req not in self._running:
                     break
-            else:
-                (decode if pending == 1 else prefill).append((req, n))
+            else:  # the page list goes along: a cancel during the forward swaps req._pages, not this list
+                (decode if pending == 1 else prefill).append((req, n, req._pages))
                 budget -= n if pending > 1 else 0
         return decode, prefill
 
@@ -387,7 +385,7 @@ class Engine:
         rows, hidden = [], []
         for group, decode in groups:
             h = self._forward(group, decode)
-            for (req, n), hb in zip(group, h, strict=True):
+            for (req, n, _), hb in zip(group, h, strict=True):
                 if req._n_cached + n == len(req._tokens):  # fed everything it has: its next token is due
                     rows.append(req)
                     hidden.append(hb)
@@ -403,7 +401,7 @@ class Engine:
         out = []
         with self._lock:
             for group, _ in groups:
-                for req, n in group:
+                for req, n, _ in group:
                     if not req.finished and req in self._running:
                         req._n_cached += n
             if sampled is not None:
@@ -418,9 +416,8 @@ class Engine:
     def _forward(self, group, decode: bool) -> torch.Tensor:
         """One forward of the rows' next tokens through the cache; the final hidden state of each row's last token.
         Decoding rows go as a (B, 1) batch; prompt chunks are packed into one row (no padding)."""
-        reqs, feeds = [r for r, _ in group], [n for _, n in group]
-        ids = [t for r, n in group for t in r._tokens[r._n_cached:r._n_cached + n]]
-        tables, starts = [r._pages for r in reqs], [r._n_cached for r in reqs]
+        feeds, tables, starts = [n for _, n, _ in group], [p for _, _, p in group], [r._n_cached for r, _, _ in group]
+        ids = [t for r, n, _ in group for t in r._tokens[r._n_cached:r._n_cached + n]]
         if decode:
             input_ids = torch.tensor(ids, device=self.device)[:, None]
             view, positions, mask = self.cache.decode_view(tables, starts)
@@ -462,7 +459,7 @@ class Engine:
                 from tokenizers.decoders import DecodeStream
 
                 req._decoder = DecodeStream(skip_special_tokens=p.skip_special_tokens)
-            piece = req._decoder.step(self.tokenizer, token)
+            piece = req._decoder.step(self.tokenizer.inner, token)
             if piece:
                 before = len(req.text)
                 req.text += piece

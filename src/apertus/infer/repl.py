@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-INNER_PREFIX, INNER_SUFFIX = "<|inner_prefix|>", "<|inner_suffix|>"
+from ..chat import INNER_PREFIX, INNER_SUFFIX
+
 HELP = "commands: /reset  /think on|off  /system TEXT  /quit"
 
 
@@ -41,7 +42,7 @@ class ReplyPrinter:
 
 
 def chat_loop(engine, params, system: str | None = None, thinking: bool = False, read=input, out=sys.stdout):
-    from ..chat import parse_reply, render
+    from ..chat import encode_chat, parse_reply
 
     def fresh():
         return [{"role": "system", "content": system}] if system else []
@@ -74,7 +75,7 @@ def chat_loop(engine, params, system: str | None = None, thinking: bool = False,
                 out.write(f"[unknown command] {HELP}\n")
             continue
         messages.append({"role": "user", "content": line})
-        prompt = engine.encode(render(messages, enable_thinking=thinking, add_generation_prompt=True), bos=False)
+        prompt, _ = encode_chat(engine.tokenizer, messages, enable_thinking=thinking, add_generation_prompt=True)
         handle = engine.submit(prompt, params)
         printer = ReplyPrinter(out, color=out.isatty())
         try:
