@@ -1,6 +1,7 @@
 """The engine against transformers' `generate` (tokens and log-probabilities), against itself run alone (continuous
 batching, preemption, seeds), and against the real Apertus tokenizer (stop strings, streaming text)."""
 
+import asyncio
 import io
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import transformers
 from apertus import ApertusConfig, build_model
 from apertus.cli import main
 from apertus.infer import Engine, EngineBusy, SamplingParams
+from apertus.tokenizer import Tokenizer
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -159,6 +161,39 @@ def test_concurrent_submitters_and_streams(engine):
     for t in threads:
         t.join(60)
     assert got == expected
+
+
+def test_asyncio_consumer_via_on_event(engine):
+    """The pattern the server uses: the engine thread hands each Delta to the event loop."""
+    p, sp = prompts(1, seed=10)[0], SamplingParams(temperature=0, max_tokens=12)
+    [expected] = engine.generate([p], sp)
+
+    async def consume():
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        engine.submit(p, sp, on_event=lambda d: loop.call_soon_threadsafe(q.put_nowait, d))
+        tokens = []
+        while True:
+            d = await q.get()
+            tokens += d.token_ids
+            if d.finish_reason:
+                return tokens, d.finish_reason
+
+    assert asyncio.run(consume()) == (expected.output_ids, expected.finish_reason)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    real = engine.model.hidden_states
+
+    def broken(*a, **k):
+        monkeypatch.setattr(engine.model, "hidden_states", real)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine.model, "hidden_states", broken)
+    h = engine.submit([1, 5, 6], SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="boom"):
+        h.result(timeout=60)
+    assert h.finish_reason == "error" and len(engine.cache.free_pages) == engine.cache.n_pages
+    assert engine.generate([[1, 5, 6]], SamplingParams(max_tokens=4))[0].finish_reason == "length"
 
 
 def test_cancel_frees_the_cache_at_once(engine):
@@ -314,14 +349,16 @@ def test_generate_command(text_models):
     _, _, dirs, _ = text_models
     out, err = run_cli("generate", dirs["base"], "--prompt", "", "--temperature", "0", "--max-tokens", "50")
     assert out == TEXT + "<|assistant_end|>\n" and "finish: stop" in err
-    out, _ = run_cli("generate", dirs["base"], "--prompt", "", "--temperature", "0", "--stop", "Привет")
-    assert out == TEXT[:TEXT.index("Привет")] + "\n"
 
 
-
-def test_generate_command_refuses_too_long_requests(text_models, capsys):
-    assert main(["generate", str(text_models[2]["base"]), "--prompt", "x", "--max-tokens", "70000"]) == 2
+def test_generate_command_stop_strings_and_errors(text_models, capsys):
+    base = str(text_models[2]["base"])
+    assert main(["generate", base, "--prompt", "", "--temperature", "0", "--stop", "Привет", "--stop", "🦀"]) == 0
+    assert capsys.readouterr().out == TEXT[:TEXT.index("Привет")] + "\n"
+    assert main(["generate", base, "--prompt", "x", "--max-tokens", "70000"]) == 2
     assert "exceeds the model's context of 65,536" in capsys.readouterr().err
+    assert main(["generate", base, "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
 
 
 def test_chat_command(text_models):
@@ -333,7 +370,7 @@ def test_chat_command(text_models):
 def test_chat_loop_shows_reasoning_apart_and_keeps_the_answer(tmp_path, apertus_tokenizer_json):
     from apertus.infer.repl import chat_loop
 
-    tok = Engine.__init__.__globals__["_load_tokenizer"](apertus_tokenizer_json, None)
+    tok = Tokenizer.from_file(apertus_tokenizer_json)
     think, answer = tok.encode("Let me think", bos=False), tok.encode("Forty-two", bos=False)
     bigram_checkpoint(tmp_path, [[67, 69] + think + [70] + answer + [68]], apertus_tokenizer_json, instruct=True)
     lines, out, prompts_seen = iter(["What is 6 x 7?", "And 7 x 6?"]), io.StringIO(), []

@@ -6,9 +6,10 @@
     for delta in handle: print(delta.text, end="")               # streams; handle.cancel() frees its cache now
 
 Continuous batching: a background thread runs steps; between two steps requests join (FIFO from a bounded queue)
-and leave (finished or cancelled). Each step runs every decoding request in one batched forward of one token each
-and, in a second forward, at most `prefill_chunk` prompt tokens of requests still reading their prompt (chunked
-prefill: a long prompt never stalls the others for more than one chunk). Keys and values go to a paged cache sized
+and leave (finished or cancelled). Each step runs every decoding request in one batched forward of one token each,
+then at most `prefill_chunk` prompt tokens of the requests still reading their prompt, packed without padding into
+single rows (chunked prefill: a long prompt never stalls the others for more than one chunk per step). Keys and
+values go to a paged cache sized
 from a memory budget (cache.py); when it fills up, the youngest request is preempted (its pages freed, its prompt and
 output recomputed later), so admission needs only the prompt to fit. Stop tokens, stop strings and max_tokens end a
 request; text is detokenized incrementally (tokenizers' DecodeStream: no broken UTF-8 between chunks) and the last
@@ -50,7 +51,7 @@ class Delta:
 
 
 class Request:
-    """Handle of a submitted request: iterate it for Deltas, `result()` to wait, `cancel()` to stop it.
+    """Handle of a submitted request: iterate it (once) for Deltas, `result()` to wait, `cancel()` to stop it.
 
     After it finishes: output_ids (stop token included), text (stop token and stop string excluded), logprobs and
     top_logprobs per output token (when asked), finish_reason ("stop", "length", "cancelled" or "error").
@@ -305,7 +306,7 @@ class Engine:
             delta = self._finish(req, "cancelled")
         self._dispatch([(req, delta)])
 
-    def _finish(self, req: Request, reason: str, text: str = "") -> Delta:
+    def _finish(self, req: Request, reason: str) -> Delta:
         """Mark done and free its cache pages (caller holds the lock); returns the last Delta to dispatch."""
         req.finish_reason = reason
         if req in self._running:
@@ -313,7 +314,7 @@ class Engine:
         self.cache.release(req._pages)
         req._pages = []
         self._lock.notify_all()
-        return Delta(text, [], finish_reason=reason)
+        return Delta("", [], finish_reason=reason)
 
     def _preempt(self, req: Request):
         self.cache.release(req._pages)
@@ -363,13 +364,11 @@ class Engine:
                     return
             try:
                 self._step()
-            except Exception as e:  # fail what was in flight, keep serving
+            except Exception as e:  # fail the requests of that step, keep serving the queue
                 log.exception("engine step failed")
                 with self._lock:
-                    failed = list(self._running) + list(self._waiting)
-                    self._waiting.clear()
                     out = []
-                    for req in failed:
+                    for req in list(self._running):
                         req.error = e
                         out.append((req, self._finish(req, "error")))
                 self._dispatch(out)
