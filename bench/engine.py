@@ -1,6 +1,7 @@
 """Generation tokens/s: the apertus engine vs transformers' `generate`, same checkpoint, same prompts, greedy.
 
     python bench/engine.py [--preset tiny] [--dtype fp32] [--new 64] [--concurrency 1 8 32] [--prefill 1024]
+    python bench/engine.py --preset apertus-8b --dtype bf16 --concurrency 1 64 --cache-gb 40   # one H200
 
 - decode: one request (16-token prompt) generating --new tokens; tokens/s of the whole call.
 - C concurrent: C requests with prompts of 16..256 tokens (mixed), each generating --new tokens; the engine takes
@@ -10,11 +11,12 @@
 - prefill: one prompt of --prefill tokens and a single new token; prompt tokens/s.
 - int8: decode at batch 1 with our weight-only int8 linears (CPU), against transformers in --dtype.
 Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
-alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours.
+alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours. Both models
+are built in memory with the same random weights (no checkpoint on disk, so an 8B run needs no disk).
 """
 
 import argparse
-import tempfile
+import copy
 
 import torch
 import transformers
@@ -28,8 +30,8 @@ from apertus.infer import Engine, SamplingParams
 def hf_generate(model, prompts, new: int):
     """transformers' batched greedy generate, left padding (its recommended setup for decoder-only batches)."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
                              pad_token_id=3)
@@ -45,18 +47,26 @@ def main():
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 row")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cache-gb", type=float, default=2.0)
     args = ap.parse_args()
     dtype = parse_dtype(args.dtype)
     cfg = preset(args.preset)
     g = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        build_model(cfg, seed=0).save_pretrained(d)
-        engine = Engine(d, dtype=dtype, max_batch=max(args.concurrency))
-        ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
-        int8 = None if args.no_int8 or engine.device.type != "cpu" else Engine(d, quantize="int8")
+    ours = build_model(cfg, device=args.device, dtype=dtype, seed=0)
+    with torch.device(args.device):
+        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf_dict()),
+                                                            dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    ref.eval()
+    int8 = None
+    if not args.no_int8 and args.device == "cpu":
+        int8 = Engine(copy.deepcopy(ours), quantize="int8", max_batch=1, cache_gb=args.cache_gb)
+    engine = Engine(ours, max_batch=max(args.concurrency), cache_gb=args.cache_gb)
     greedy = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
-    print(f"greedy generation, {args.preset} ({engine.model.num_params() / 1e6:.1f}M params, vocab "
-          f"{cfg.vocab_size}), {args.dtype}, {torch.get_num_threads()} threads, {args.new} new tokens per request")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"greedy generation, {args.preset} ({ours.num_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}), "
+          f"{args.dtype}, {where}, {args.new} new tokens per request")
     print(f"{'workload':24} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
 
     def row(name, tokens, ours, theirs):

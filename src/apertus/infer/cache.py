@@ -13,12 +13,11 @@ import torch
 class PagedKVCache:
     def __init__(self, cfg, n_pages: int, page_size: int, dtype: torch.dtype, device):
         self.page_size, self.n_pages = page_size, n_pages
-        slots = (n_pages + 1) * page_size  # + the scratch page
+        slots = (n_pages + 1) * page_size  # + the zero page (page number n_pages)
         shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim)
         # zeros, not empty: masked keys still multiply their (zero) values, and NaN * 0 would leak into outputs
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.scratch = n_pages * page_size
         self.free_pages = list(range(n_pages - 1, -1, -1))  # pop() hands out low pages first
 
     @staticmethod
@@ -47,7 +46,7 @@ class PagedKVCache:
         self.free_pages.extend(reversed(pages))
 
     def _table(self, page_tables: list[list[int]]) -> torch.Tensor:
-        """(rows, pages) page numbers, padded with the scratch page (zeros, never written)."""
+        """(rows, pages) page numbers, padded with the zero page (never written)."""
         width = max(len(p) for p in page_tables)
         return torch.tensor([p + [self.n_pages] * (width - len(p)) for p in page_tables], device=self.k.device)
 

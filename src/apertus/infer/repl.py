@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..chat import INNER_PREFIX, INNER_SUFFIX
+from ..chat import INNER_PREFIX, INNER_SUFFIX, encode_chat, parse_reply
 
 HELP = "commands: /reset  /think on|off  /system TEXT  /quit"
 
@@ -42,7 +42,8 @@ class ReplyPrinter:
 
 
 def chat_loop(engine, params, system: str | None = None, thinking: bool = False, read=input, out=sys.stdout):
-    from ..chat import encode_chat, parse_reply
+    if engine.tokenizer is None:
+        raise ValueError("chat: the model has no tokenizer.json (pass --tokenizer)")
 
     def fresh():
         return [{"role": "system", "content": system}] if system else []
