@@ -117,8 +117,53 @@ def _add_tokenizer_commands(sub) -> None:
 # === data pipeline (issue 4) =========================================================================================
 
 
+def cmd_data_build(args) -> int:
+    import time
+
+    from .data.pipeline import build, funnel_table
+
+    out = args.out or f"runs/data/{__import__('pathlib').Path(args.recipe).stem}"
+    t = time.time()
+    print(f"building {args.recipe} -> {out}")
+    manifest = build(args.recipe, out, tasks=args.tasks, workers=args.workers, keep_work=args.keep_work)
+    if manifest is None:
+        return 0
+    print(funnel_table(manifest))
+    shards = manifest["shards"]
+    print(f"{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
+          f"{time.time() - t:.1f}s; manifest: {out}/manifest.json")
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.pipeline import funnel_table
+
+    path = Path(args.dataset) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a built dataset")
+    manifest = json.loads(path.read_text())
+    print(funnel_table(manifest))
+    for st in manifest["stages"]:
+        print(f"stage {st['name']}: {st['sources']} tokens={st['tokens']}")
+    return 0
+
+
 def _add_data_commands(sub) -> None:
-    pass
+    d = sub.add_parser("data", help="the data pipeline: build tokenized shards from a recipe").add_subparsers(
+        dest="data_command", required=True)
+    s = d.add_parser("build", help="run a data recipe (TOML): sources -> filters -> dedup -> shards + manifest")
+    s.add_argument("recipe", help="data recipe, e.g. recipes/data_tiny.toml")
+    s.add_argument("--out", help="output directory (default runs/data/<recipe name>); re-running resumes")
+    s.add_argument("--tasks", type=int, help="override [executor] tasks")
+    s.add_argument("--workers", type=int, help="override [executor] workers (local processes)")
+    s.add_argument("--keep-work", action="store_true", help="keep the intermediate files under <out>/work")
+    s.set_defaults(func=cmd_data_build)
+    s = d.add_parser("info", help="print the funnel and stages of a built dataset")
+    s.add_argument("dataset")
+    s.set_defaults(func=cmd_data_info)
 
 
 # === pretraining and export (issue 5) ================================================================================
