@@ -202,7 +202,7 @@ def test_cancel_frees_the_cache_at_once(engine):
                       on_event=events.append)
     it = iter(h)
     next(it)
-    assert engine.cache.free_pages != list(range(engine.cache.n_pages))
+    assert len(engine.cache.free_pages) < engine.cache.n_pages  # it holds pages while it runs
     h.cancel()
     assert h.finish_reason == "cancelled" and len(engine.cache.free_pages) == engine.cache.n_pages
     assert list(it)[-1].finish_reason == "cancelled"

@@ -142,8 +142,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     where logprobs are the model's (raw log-softmax) and n is the largest top_logprobs asked for (0 if none)."""
     logits = logits.float()
     raw_logprobs = None
-    want_lp = any(p.logprobs or p.top_logprobs for p in params)
-    if want_lp:
+    if any(p.logprobs or p.top_logprobs for p in params):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     if any(p.penalized for p in params):
         logits = apply_penalties(logits.clone(), params, prompt_seen, out_counts)
