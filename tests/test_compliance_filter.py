@@ -176,3 +176,47 @@ def test_cli_redact(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "<removed-pii>: <email-pii>, IBAN <iban-pii>\n"
+
+
+def test_engine_streams_redacted_text(tmp_path):
+    """A tiny model that has memorized a sentence with an e-mail and an IP: the engine's stream with the filter on
+    is exactly the redaction of its unfiltered output, piece by piece and in `handle.text`."""
+    import torch
+    from data_helpers import tiny_tokenizer
+
+    from apertus.config import preset
+    from apertus.infer import Engine, SamplingParams
+    from apertus.model import build_model
+    from apertus.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tiny_tokenizer(tmp_path))
+    secret = " reach jane.doe@example.org or 10.0.0.1 today"
+    ids = torch.tensor([tok.encode("Please" + secret)])
+    cfg = preset("tiny")
+    cfg.num_hidden_layers, cfg.vocab_size = 2, 640
+    model = build_model(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = SamplingParams(temperature=0, max_tokens=ids.shape[1] - 2)
+    with Engine(model.eval(), tokenizer=tok) as engine:
+        raw = engine.generate(["Please"], params)[0].text
+    assert "jane.doe@example.org" in raw  # memorized
+    with Engine(model, tokenizer=tok, output_filter=PIIFilter) as engine:
+        handle = engine.submit("Please", params)
+        pieces = [d.text for d in handle]
+    assert "".join(pieces) == handle.text == redact(raw)
+    assert "<email-pii>" in handle.text and "<ip-pii>" in handle.text and "@" not in "".join(pieces)
+
+    from apertus.checkpoint import save_model  # the CLI flag: `apertus generate --pii-filter`
+
+    save_model(model, tmp_path / "ckpt", extra_files={"tokenizer.json": (tmp_path / "tokenizer.json").read_text()})
+    cmd = [sys.executable, "-m", "apertus.cli", "generate", str(tmp_path / "ckpt"), "--prompt", "Please",
+           "--temperature", "0", "--max-tokens", str(params.max_tokens), "--device", "cpu"]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    filtered = subprocess.run(cmd + ["--pii-filter"], capture_output=True, text=True)
+    assert plain.returncode == filtered.returncode == 0, filtered.stderr
+    assert "jane.doe@example.org" in plain.stdout and filtered.stdout == redact(plain.stdout)

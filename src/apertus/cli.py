@@ -179,8 +179,14 @@ def _add_train_commands(sub) -> None:
 def _engine_from_args(args):
     from .infer import Engine
 
+    output_filter = None
+    if args.pii_filter or args.pii_hash_list:  # issue 10: redact PII in what is shown (off by default)
+        from .compliance.output_filter import PIIFilter, load_hash_list
+
+        hash_list = load_hash_list(args.pii_hash_list) if args.pii_hash_list else None
+        output_filter = lambda: PIIFilter(hash_list=hash_list)  # noqa: E731
     return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, cache_gb=args.cache_gb,
-                  quantize=args.quantize)
+                  quantize=args.quantize, output_filter=output_filter)
 
 
 def _sampling_from_args(args, **extra):
@@ -229,6 +235,9 @@ def _add_sampling_args(s, max_tokens: int) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
     s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)")
+    s.add_argument("--pii-filter", action="store_true", help="redact e-mails, IBANs, cards, IPs, phones in the output")
+    s.add_argument("--pii-hash-list", help="also redact the removal requests of this salted hash list (implies "
+                   "--pii-filter)")
 
 
 def _add_infer_commands(sub) -> None:
