@@ -302,7 +302,7 @@ def cmd_card(args) -> int:
     from .compliance.cards import write_cards
 
     files = write_cards(args.run_dir, args.out, model_name=args.name, provider=args.provider, license_=args.license)
-    for name, path in files.items():
+    for path in files.values():
         print(f"wrote {path}")
     return 0
 

@@ -57,10 +57,13 @@ class Trace:
         return text
 
     def _rel(self, path: Path) -> str:
-        try:
-            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return str(Path(path).resolve())
+        """The path as seen from the run folder (through symlinks, as the runs were found), else absolute."""
+        for p, root in ((Path(path), self.root), (Path(path).resolve(), self.root.resolve())):
+            try:
+                return p.relative_to(root).as_posix()
+            except ValueError:
+                pass
+        return str(Path(path).resolve())
 
 
 def resolve_pointer(obj, pointer: str):
@@ -157,17 +160,17 @@ def data_card(t: Trace, dataset: Path) -> str:
         budget = t.num(mp, "stages", i, "tokens") if st.get("tokens") else "rest of the run"
         out.append(f"| {st['name']} | {budget} | {weights} |")
     out += ["", "## Opt-out and removals", ""]
-    build_optout = {src: ev for src, evs in funnel.items() for e, ev in evs.items() if e.startswith("optout:")}
-    if build_optout:
+    if any(e.startswith("optout:") for evs in funnel.values() for e in evs):
         for src, evs in funnel.items():
             for e in evs:
                 if e.startswith("optout:"):
-                    out.append(f"- build time, robots.txt ({e}): {src} lost {t.num(mp, 'funnel', 'by_source', src, e, 'docs')}"
+                    docs = t.num(mp, "funnel", "by_source", src, e, "docs")
+                    out.append(f"- build time, robots.txt ({e}): {src} lost {docs}"
                                f" documents ({t.num(mp, 'funnel', 'by_source', src, e, 'tokens')} tokens)")
     else:
         out.append("- build time: " + ("robots.txt opt-out configured, no document disallowed"
                                        if "optout" in recipe.get("steps", {}) else
-                                       "no robots.txt snapshots configured (sources without URLs)"))
+                                       "no robots.txt snapshots configured in the recipe"))
     for i, rem in enumerate(man.get("optout", [])):
         out.append(f"- retrospective removal {rem['time']}: {t.num(mp, 'optout', i, 'docs')} documents, "
                    f"{t.num(mp, 'optout', i, 'tokens')} tokens (report `{rem['report']}`)")
@@ -202,7 +205,7 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
     if model_run is not None:
         rp = model_run / RUN_FILE
         run = t.load(rp)
-        out += [f"- Training completed: {run['created']}", f"- Tokens seen in training: {t.num(rp, 'tokens')}"]
+        out += [f"- Run recorded: {run['created']}", f"- Tokens seen in training: {t.num(rp, 'tokens')}"]
         for p in run.get("parents", []):
             out.append(f"- Built on: `{p['path']}`")
     out += ["", "### 1.3 Modalities, size and characteristics", "", "- Modality: text (natural language, code, math)"]
@@ -212,7 +215,7 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
         total = sum(s["n_tokens"] for s in man["shards"])
         out += [f"- Dataset `{man['name']}`: {t.derived(total, 'sum of shards[*].n_tokens', mp)} tokens "
                 f"({_size_bucket(total)}); {t.num(mp, 'languages')} languages in the training split",
-                f"- Languages: " + ", ".join(sorted(man["funnel"]["by_language"])[:400])]
+                "- Languages: " + ", ".join(sorted(man["funnel"]["by_language"])[:400])]
     out += ["", "## 2. List of data sources", "", "### 2.1 Publicly available datasets", ""]
     for d in datasets:
         mp = d / "manifest.json"
@@ -233,7 +236,8 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
         if urls:
             hosts = Counter(host_of(u) for u in urls)
             top = [h for h, _ in hosts.most_common(max(1, len(hosts) // 10))]
-            out.append(f"- `{d.name}`: {t.derived(len(hosts), 'distinct URL hosts in documents.parquet', d / 'documents.parquet')}"
+            n = t.derived(len(hosts), "distinct URL hosts in documents.parquet", d / "documents.parquet")
+            out.append(f"- `{d.name}`: {n}"
                        f" domains; top 10% by documents: {', '.join(top)}")
         else:
             out.append(f"- `{d.name}`: no document carries a URL")
@@ -257,7 +261,7 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
                     if e.startswith("optout:"):
                         out.append(f"  - {src}: {t.num(mp, 'funnel', 'by_source', src, e, 'docs')} documents removed")
         else:
-            out.append(f"- `{man['name']}`: no robots.txt snapshots at build time (the sources carry no crawl URLs).")
+            out.append(f"- `{man['name']}`: no robots.txt snapshots configured at build time.")
         for i, rem in enumerate(man.get("optout", [])):
             out.append(f"  - retrospective removal {rem['time']}: {t.num(mp, 'optout', i, 'docs')} documents "
                        f"(report `{rem['report']}`)")
@@ -323,7 +327,8 @@ def model_card(t: Trace, model_name: str, runs: list[Path], model_run: Path | No
                                ("intermediate_size", "MLP size (xIELU)"), ("vocab_size", "vocabulary"),
                                ("max_position_embeddings", "context length"), ("rope_theta", "RoPE theta")):
                 if key in t.load(cfg_path):
-                    body.append(f"| {label} | {t.num(cfg_path, key, fmt='{:,}' if key != 'rope_theta' else '{:,.0f}')} |")
+                    fmt = "{:,.0f}" if key == "rope_theta" else "{:,}"
+                    body.append(f"| {label} | {t.num(cfg_path, key, fmt=fmt)} |")
             body.append("")
         base = next((p["path"] for p in run.get("parents", [])), None)
         if base:
@@ -365,7 +370,8 @@ def model_card(t: Trace, model_name: str, runs: list[Path], model_run: Path | No
         index = []
         for ep in evals:
             res = t.load(ep)
-            body += [f"From `{t._rel(ep)}`:", "", "| task | metric | value | ± stderr | n |", "|---|---|---:|---:|---:|"]
+            body += [f"From `{t._rel(ep)}`:", "", "| task | metric | value | ± stderr | n |",
+                     "|---|---|---:|---:|---:|"]
             metrics = []
             for task, r in res["tasks"].items():
                 for m in ("acc", "acc_norm", "exact_match", "bpb"):

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..data.optout import AI_AGENTS, disallowed_agents, host_of, load_robots
-from .manifest import refresh_artifacts, sha256_file, write_json_atomic
+from .manifest import refresh_artifacts, write_json_atomic
 
 JOURNAL = "optout.journal.json"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
