@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 
@@ -107,3 +108,25 @@ def served(path, api_key=None, max_body_bytes=1 << 20, output_filter=None, **eng
         app = create_app(engine, MODEL, api_key=api_key, max_body_bytes=max_body_bytes, output_filter=output_filter)
         with running(app) as url:
             yield url, engine
+
+
+def slow_down(engine, monkeypatch, seconds=0.005):
+    """Each forward of the engine takes a few ms more: a long generation is still running when a client leaves, and
+    a browser sees tokens arrive one by one."""
+    real = engine.model.hidden_states
+
+    def slow(*a, **k):
+        time.sleep(seconds)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine.model, "hidden_states", slow)
+
+
+def wait_idle(engine, timeout=30):
+    """Until the engine holds no request and every cache page is free (what a cancel must lead to)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not engine._running and not engine._waiting and len(engine.cache.free_pages) == engine.cache.n_pages:
+            return True
+        time.sleep(0.02)
+    return False

@@ -32,7 +32,9 @@ from server_helpers import (
     checkpoint,
     ids,
     served,
+    slow_down,
     tokenizer,
+    wait_idle,
 )
 
 from apertus.chat import INNER_PREFIX, INNER_SUFFIX, TOOLS_PREFIX, TOOLS_SUFFIX, parse_reply
@@ -83,16 +85,6 @@ def prompt_ids(c, **ask):
     extra = {**ask.pop("extra_body", {}), "return_token_ids": True}
     r = c.chat.completions.create(model=MODEL, max_tokens=1, extra_body=extra, **ask)
     return r.model_extra["prompt_token_ids"]
-
-
-def wait_idle(engine, timeout=30):
-    """Until the engine holds no request and every cache page is free (what a cancel must lead to)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not engine._running and not engine._waiting and len(engine.cache.free_pages) == engine.cache.n_pages:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def metric(url, name, **labels):
@@ -333,17 +325,6 @@ def test_32_concurrent_streams_equal_single_requests_and_health_answers(random_s
     assert outs == single
     assert len(health) >= 3 and set(health) == {200}
     assert engine.stats["steps"] - steps_before < 32 * 17 / 4  # they really ran as one batch
-
-
-def slow_down(engine, monkeypatch, seconds=0.005):
-    """Each forward of the engine takes a few ms more, so a long generation is still running when the client leaves."""
-    real = engine.model.hidden_states
-
-    def slow(*a, **k):
-        time.sleep(seconds)
-        return real(*a, **k)
-
-    monkeypatch.setattr(engine.model, "hidden_states", slow)
 
 
 def test_disconnects_cancel_generation(random_server, monkeypatch):
