@@ -80,6 +80,12 @@ def raw_bodies(rng: random.Random):
     yield b'{"max_tokens": ' + b"9" * 5000 + b"}"  # more digits than Python parses
     yield b"[" * 30000 + b"]" * 30000  # nesting
     yield b'{"a":' * 5000 + b"1" + b"}" * 5000
+    for depth in (100, 300, 450):  # deep tool schemas: JSON parses, the schema check and the renderer recurse
+        schema = {"type": "string"}
+        for _ in range(depth):
+            schema = {"type": "object", "properties": {"a": schema}}
+        yield json.dumps({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]},
+                         separators=(",", ":")).encode()
     yield json.dumps({**CHAT, "messages": [{"role": "user", "content": "\\ud800"}]}).encode().replace(b"\\\\", b"\\")
     yield valid.replace(b"Hi", b"H\xffi")  # invalid UTF-8
     yield valid.replace(b"Hi", b"H\xc3")

@@ -22,6 +22,7 @@ from .sampler import MAX_TOP_LOGPROBS, SamplingParams
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
 MAX_STOP = 16  # stop strings per request, each at most 1,000 characters
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_CHOICES = 128  # prompts x n in one request
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -291,7 +292,10 @@ def chat_prompt(req: ChatRequest, tokenizer) -> tuple[list[int], str, bool]:
         messages.append(m.model_dump(exclude_none=True, include={"role", "content", "tool_calls"}))
         if m.content is None:
             messages[-1]["content"] = None
-    tools = _check_tools(req.tools) if req.tools else None
+    try:
+        tools = _check_tools(req.tools) if req.tools else None
+    except RecursionError:
+        raise APIError(400, "tools: a parameter schema is nested too deeply", param="tools") from None
     choice = req.tool_choice
     names = {t["function"]["name"] for t in tools or []}
     if isinstance(choice, NamedToolChoice):

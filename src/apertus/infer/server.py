@@ -32,6 +32,7 @@ from starlette.staticfiles import StaticFiles
 
 from .engine import EngineBusy
 from .openai_schema import (
+    MAX_CHOICES,
     MAX_PROMPTS,
     APIError,
     ChatRequest,
@@ -211,11 +212,11 @@ def create_app(engine, model_name: str = "apertus", api_key: str | None = None, 
             for i, (ids, params) in enumerate(jobs):
                 metrics.waiting.inc()
                 try:
-                    handles.append(engine.submit(ids, params, on_event=on_event(i, len(ids), loop, queue,
-                                                                                every_delta)))
+                    handles.append(engine.submit(ids, params, on_event=on_event(i, loop, queue, every_delta)))
                 except BaseException:
                     metrics.waiting.dec()
                     raise
+                metrics.prompt_tokens.inc(len(ids))
         except (ValueError, EngineBusy) as e:
             for h in handles:
                 h.cancel()
@@ -224,9 +225,8 @@ def create_app(engine, model_name: str = "apertus", api_key: str | None = None, 
             raise APIError(400, str(e).removeprefix("engine: ")) from e
         return handles
 
-    def on_event(i, n_prompt, loop, queue, every_delta):
+    def on_event(i, loop, queue, every_delta):
         t0, started = time.perf_counter(), False
-        metrics.prompt_tokens.inc(n_prompt)
 
         def on(delta):  # engine thread
             nonlocal started
@@ -426,6 +426,8 @@ def create_app(engine, model_name: str = "apertus", api_key: str | None = None, 
         for ids in encoded:
             check_context(len(ids), req.max_tokens, "prompt")
         jobs = [(ids, p) for ids in encoded for p in params]
+        if len(jobs) > MAX_CHOICES:
+            raise APIError(400, f"n x prompts = {len(jobs)} choices; at most {MAX_CHOICES}", param="n")
         rid = f"cmpl-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
