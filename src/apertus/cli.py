@@ -257,8 +257,42 @@ def _add_infer_commands(sub) -> None:
 # === server (issue 7) ================================================================================================
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .infer.server import serve
+
+    output_filter = None
+    if args.pii_filter:
+        try:
+            from .compliance.output_filter import PIIFilter as output_filter
+        except ImportError:
+            raise ValueError("--pii-filter: the PII output filter (apertus.compliance) is not in this build") from None
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("APERTUS_API_KEY"),
+          model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=output_filter,
+          log_level=args.log_level, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+          cache_gb=args.cache_gb, max_batch=args.max_batch, max_queue=args.max_queue, quantize=args.quantize)
+    return 0
+
+
 def _add_serve_commands(sub) -> None:
-    pass
+    s = sub.add_parser("serve", help="OpenAI-compatible server and web chat (http://127.0.0.1:8000/)")
+    s.add_argument("model", help="checkpoint directory (or a preset name, random weights)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $APERTUS_API_KEY)")
+    s.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
+    s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the checkpoint's (bf16 on GPU)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
+    s.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 503")
+    s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (MiB); larger: 413")
+    s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU)")
+    s.add_argument("--pii-filter", action="store_true", help="redact PII (emails, phones, IBANs, ...) in replies")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
 
 # === post-training: sft, align (issue 8) =============================================================================
