@@ -132,6 +132,9 @@ def cmd_data_build(args) -> int:
     shards = manifest["shards"]
     print(f"{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
           f"{time.time() - t:.1f}s; manifest: {out}/manifest.json")
+    from .compliance.manifest import record_data_build
+
+    record_data_build(out, wall_time=time.time() - t)
     return 0
 
 
@@ -176,17 +179,27 @@ def _add_train_commands(sub) -> None:
 # === inference: generate, chat (issue 6) =============================================================================
 
 
+def _pii_filter_factory(args):
+    """The PII output filter of issue 10 (off by default): a factory of one streaming filter per reply."""
+    if not (args.pii_filter or args.pii_hash_list):
+        return None
+    from .compliance.output_filter import PIIFilter, load_hash_list
+
+    hash_list = load_hash_list(args.pii_hash_list) if args.pii_hash_list else None
+    return lambda: PIIFilter(hash_list=hash_list)
+
+
+def _add_pii_arguments(s) -> None:
+    s.add_argument("--pii-filter", action="store_true", help="redact e-mails, IBANs, cards, IPs, phones in the output")
+    s.add_argument("--pii-hash-list", help="also redact the removal requests of this salted hash list (implies "
+                   "--pii-filter)")
+
+
 def _engine_from_args(args):
     from .infer import Engine
 
-    output_filter = None
-    if args.pii_filter or args.pii_hash_list:  # issue 10: redact PII in what is shown (off by default)
-        from .compliance.output_filter import PIIFilter, load_hash_list
-
-        hash_list = load_hash_list(args.pii_hash_list) if args.pii_hash_list else None
-        output_filter = lambda: PIIFilter(hash_list=hash_list)  # noqa: E731
     return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, cache_gb=args.cache_gb,
-                  quantize=args.quantize, output_filter=output_filter)
+                  quantize=args.quantize, output_filter=_pii_filter_factory(args))
 
 
 def _sampling_from_args(args, **extra):
@@ -235,9 +248,7 @@ def _add_sampling_args(s, max_tokens: int) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
     s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)")
-    s.add_argument("--pii-filter", action="store_true", help="redact e-mails, IBANs, cards, IPs, phones in the output")
-    s.add_argument("--pii-hash-list", help="also redact the removal requests of this salted hash list (implies "
-                   "--pii-filter)")
+    _add_pii_arguments(s)
 
 
 def _add_infer_commands(sub) -> None:
@@ -262,14 +273,8 @@ def cmd_serve(args) -> int:
 
     from .infer.server import serve
 
-    output_filter = None
-    if args.pii_filter:
-        try:
-            from .compliance.output_filter import PIIFilter as output_filter
-        except ImportError:
-            raise ValueError("--pii-filter: the PII output filter (apertus.compliance) is not in this build") from None
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("APERTUS_API_KEY"),
-          model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=output_filter,
+          model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=_pii_filter_factory(args),
           log_level=args.log_level, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
           cache_gb=args.cache_gb, max_batch=args.max_batch, max_queue=args.max_queue, quantize=args.quantize)
     return 0
@@ -290,7 +295,7 @@ def _add_serve_commands(sub) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 503")
     s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (MiB); larger: 413")
     s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU)")
-    s.add_argument("--pii-filter", action="store_true", help="redact PII (emails, phones, IBANs, ...) in replies")
+    _add_pii_arguments(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
