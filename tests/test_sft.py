@@ -219,3 +219,32 @@ def test_fsdp_two_processes_matches_one_process_and_resumes(tmp_path, tmp_path_f
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     run = json.loads((two / "run.json").read_text())
     assert run["kind"] == "sft" and "hf/model.safetensors" in run["artifacts"]
+
+
+def test_recipes_carry_the_spec_numbers(tmp_path):
+    from apertus.checkpoint import save_model
+    from apertus.config import model_config_from
+    from apertus.model import build_model
+    from apertus.train.qrpo import parse_align_recipe
+    from apertus.train.sft import load_recipe_file
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    ckpt = tmp_path / "ckpt"
+    save_model(build_model(model_config_from(dict(ph.SMALL)), seed=0), ckpt)
+    over = [f"model.init_from={ckpt}"]
+    sft = {n: load_recipe_file(root / f"sft_{n}.toml", parse_sft_recipe, 1, over) for n in ("tiny", "apertus-8b",
+                                                                                           "apertus-70b")}
+    align = {n: load_recipe_file(root / f"align_{n}.toml", parse_align_recipe, 1, over) for n in ("tiny", "apertus-8b",
+                                                                                                 "apertus-70b")}
+    for n, lr, gbs in (("apertus-8b", 5e-6, 512), ("apertus-70b", 2e-6, 1024)):  # SPEC §6.1
+        r = sft[n]
+        assert (r.optim.lr, r.train.batch_size, r.train.seq_len, r.train.epochs) == (lr, gbs, 4096, 1)
+        assert r.optim.betas[:2] == [0.9, 0.999] and r.optim.alpha == 8 and r.optim.t_alpha == r.optim.t_beta3 == 0
+        assert (r.optim.warmup_ratio, r.optim.weight_decay, r.train.grad_clip, r.data.packing) == (0.03, 0, 1.0, False)
+    for n, lr, gbs in (("apertus-8b", 5e-7, 512), ("apertus-70b", 1e-7, 1024)):  # SPEC §6.2
+        r = align[n]
+        assert (r.optim.lr, r.train.batch_size, r.optim.betas, r.optim.warmup_ratio) == (lr, gbs, [0.9, 0.999, 0.99],
+                                                                                         0.1)
+        assert (r.loss.name, r.loss.beta, r.loss.max_beta, r.loss.length_normalize) == ("qrpo", 5.0, 0.1, True)
+        assert (r.sampling.n, r.sampling.temperature, r.reward.kind) == (10, 1.0, "model")
+    assert align["tiny"].reward.functions == {"gsm8k_correct": 1.0, "gsm8k_format": 1.0}

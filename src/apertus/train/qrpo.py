@@ -59,7 +59,8 @@ from .sft import (
 
 def beta_log_z(beta: torch.Tensor) -> torch.Tensor:
     """β·log Z_q with Z_q = β(e^{1/β} − 1), the partition function of the uniform quantile reward: exactly
-    β log β + β log(e^{1/β} − 1), and β log β + 1 for β <= 0.2 where the exact form overflows (error < e^{-5})."""
+    β log β + β log(e^{1/β} − 1), and β log β + 1 for β <= 0.2 (as Apertus computed it: e^{1/β} overflows for small
+    β; the approximation is off by β·log(1 − e^{−1/β}), at most 0.0014)."""
     approx = beta * torch.log(beta) + 1
     exact = beta * torch.log(beta) + beta * torch.log(torch.expm1(1 / beta.clamp(min=0.2)))
     return torch.where(beta <= 0.2, approx, exact)
