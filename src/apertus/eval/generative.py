@@ -1,0 +1,146 @@
+"""GSM8K and MGSM: greedy generation through the inference engine, exact match on the final number.
+
+Base models get lm-eval's GSM8K format, few-shot: "Question: ...\\nAnswer: <worked solution> #### N" exemplars from
+the GSM8K train split, then the test question; generation stops at "Question:" or a blank line. Instruct models get
+the same exemplars as a multi-turn chat (user question, assistant solution), as the Apertus report's "8-shot CoT
+multi-turn" protocol, rendered with the Apertus chat format and stopped at the chat stop tokens. MGSM asks its
+question in each of its 11 languages after the same English exemplars (the "EN-CoT" setting of Shi et al. 2022; the
+native exemplars of the MGSM repository are not part of ../shared/data).
+
+Two scores, as lm-eval's GSM8K filters: `exact_match` takes the last number of the reply ("flexible-extract"),
+`strict_match` only a number after "####". Numbers compare after removing "," and "$" and a trailing ".".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+from . import tasks as T
+
+MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+BASE_STOP = ["Question:", "\n\n"]
+CHAT_DATE = "2025-09-02"  # the chat format's system message carries a date: fixed, so prompts are reproducible
+CHAT_STOP_IDS = (2, 68, 72)  # </s>, <|assistant_end|>, <|tools_suffix|> (apertus.chat.STOP_IDS)
+
+
+def gsm8k_docs(split: str = "test", root=None) -> list[dict]:
+    rows = T._read_jsonl(T._root(root) / "gsm8k" / f"{split}.jsonl")
+    return [{"question": r["question"], "solution": r["answer"], "target": r["answer"].split("####")[-1].strip()}
+            for r in rows]
+
+
+def mgsm_docs(lang: str, root=None) -> list[dict]:
+    with open(T._root(root) / "mgsm" / f"mgsm_{lang}.tsv", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    return [{"question": q, "target": a} for q, a in rows]
+
+
+def fewshot(k: int, root=None, seed: int = 1234) -> list[dict]:
+    """k exemplars drawn from the GSM8K train split with a fixed seed (the same for every question and model)."""
+    train = gsm8k_docs("train", root)
+    return random.Random(seed).sample(train, k) if k else []
+
+
+def base_prompt(question: str, shots: list[dict]) -> str:
+    parts = [f"Question: {s['question']}\nAnswer: {s['solution']}\n\n" for s in shots]
+    return "".join(parts) + f"Question: {question}\nAnswer:"
+
+
+def chat_messages(question: str, shots: list[dict]) -> list[dict]:
+    msgs = []
+    for s in shots:
+        msgs += [{"role": "user", "content": s["question"]}, {"role": "assistant", "content": s["solution"]}]
+    return msgs + [{"role": "user", "content": question}]
+
+
+def normalize(number: str | None) -> str | None:
+    if number is None:
+        return None
+    s = number.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        x = float(s)
+    except ValueError:
+        return s
+    return str(int(x)) if x == int(x) else repr(x)
+
+
+def extract(reply: str) -> tuple[str | None, str | None]:
+    """(flexible: the last number in the reply, strict: the number after '####'), both normalised."""
+    strict = STRICT.search(reply)
+    flexible = [m[0] or m[1] for m in FLEXIBLE.findall(reply)]
+    flexible = [f for f in flexible if any(c.isdigit() for c in f)]
+    return normalize(flexible[-1] if flexible else None), normalize(strict.group(1) if strict else None)
+
+
+def score(docs: list[dict], replies: list[str]) -> tuple[dict, list[dict]]:
+    """Metrics (exact_match, strict_match with stderr; chance 0) and one sample record per document."""
+    em, strict, samples = [], [], []
+    for d, reply in zip(docs, replies, strict=True):
+        flex, st = extract(reply)
+        target = normalize(d["target"])
+        em.append(float(flex == target))
+        strict.append(float(st == target))
+        samples.append({"question": d["question"], "target": d["target"], "reply": reply, "extracted": flex,
+                        "correct": flex == target})
+    out = {"n": len(docs), "chance": 0.0, "exact_match": T.mean(em), "exact_match_stderr": T.mean_stderr(em),
+           "strict_match": T.mean(strict), "strict_match_stderr": T.mean_stderr(strict)}
+    return out, samples
+
+
+def run_gen(generate, subtasks: dict, *, chat: bool, tokenizer, limit: int | None = None, num_fewshot: int = 8,
+            max_tokens: int = 384, root=None) -> tuple[dict, dict]:
+    """All generative subtasks in one batched `generate(prompt_ids_list, max_tokens, stop, stop_ids) -> [text]` call.
+
+    Returns ({subtask: metrics}, {subtask: samples})."""
+    shots = fewshot(num_fewshot, root)
+    docs = {}
+    for name, (group, kind, lang) in subtasks.items():
+        if kind == "gen":
+            docs[name] = (gsm8k_docs("test", root) if group == "gsm8k" else mgsm_docs(lang, root))[:limit]
+    prompts = []
+    for ds in docs.values():
+        for d in ds:
+            prompts.append(chat_prompt_ids(tokenizer, chat_messages(d["question"], shots)) if chat
+                           else [_token(tokenizer, "<s>", 1)] + tokenizer.encode(base_prompt(d["question"], shots),
+                                                                     add_special_tokens=False).ids)
+    stop_ids = list(CHAT_STOP_IDS) if chat else [_token(tokenizer, "</s>", 2)]
+    replies = iter(generate(prompts, max_tokens, None if chat else BASE_STOP, stop_ids))
+    results, samples = {}, {}
+    for name, ds in docs.items():
+        results[name], samples[name] = score(ds, [next(replies) for _ in ds])
+    return results, samples
+
+
+def _token(tokenizer, name: str, default: int) -> int:
+    i = tokenizer.token_to_id(name)
+    return default if i is None else i
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The Apertus chat format up to the assistant's turn (apertus.chat, the tokenizer work's renderer)."""
+    from ..chat import render
+
+    text = render(messages, add_generation_prompt=True, date=CHAT_DATE)
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def engine_generate(engine):
+    """`generate` for run_gen on an `apertus.infer.engine.Engine`: greedy, its shared sampler, batched."""
+    from ..infer.engine import SamplingParams
+
+    def generate(prompts: list[list[int]], max_tokens: int, stop: list[str] | None, stop_ids: list[int]) -> list[str]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids)
+        return [r.result().text for r in engine.generate(prompts, params)]
+
+    return generate
+
+
+def write_samples(path, samples: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for name, rows in samples.items():
+            for row in rows:
+                f.write(json.dumps({"task": name, **row}, ensure_ascii=False) + "\n")
