@@ -43,8 +43,75 @@ def cmd_info(args) -> int:
 # === tokenizer and chat format (issue 3) =============================================================================
 
 
+def _load_tokenizer_spec(spec: str):
+    """`apertus` (the released tokenizer) or a tokenizer.json / directory; `NAME=PATH` names it in reports."""
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer, apertus_tokenizer_path
+
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    file = apertus_tokenizer_path() if path == "apertus" else path
+    return name or (path if path == "apertus" else Path(path).name or path), Tokenizer.from_file(file)
+
+
+def cmd_tokenizer_apertus(args) -> int:
+    from .chat import official_template
+    from .tokenizer import APERTUS_SHA256, rebuild_apertus
+
+    template = None if args.base else official_template()
+    file = rebuild_apertus(args.out, chat_template=template)
+    print(f"rebuilt {file} from mistral-common's tekken vocabulary: sha256 {APERTUS_SHA256} (the released file)")
+    print(f"  config: {'base (BOS, no EOS)' if args.base else 'instruct (eos <|assistant_end|>, chat template)'}")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from .tokenizer import train_from_corpus
+
+    # the Rust trainer draws its own progress bars; off a terminal it would only print blank lines
+    tok, meta = train_from_corpus(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                                  max_bytes=int(args.max_mb * 1e6) if args.max_mb else None,
+                                  progress=sys.stderr.isatty())
+    print(f"trained a {tok.vocab_size:,}-token BPE on {meta['bytes'] / 1e6:.1f} MB ({meta['documents']:,} documents) "
+          f"in {meta['seconds']:.1f} s -> {args.out} (sha256 {meta['tokenizer_sha256'][:16]}...)")
+    return 0
+
+
+def cmd_tokenizer_eval(args) -> int:
+    from .tokenizer_eval import evaluate, iter_corpus, markdown
+
+    texts: dict[str, str] = {}
+    for spec in args.corpus:
+        for lang, text in iter_corpus(spec):
+            texts[lang] = texts[lang] + "\n" + text if lang in texts else text
+    tokenizers = dict(_load_tokenizer_spec(s) for s in args.tokenizer)
+    result = evaluate(tokenizers, texts, args.out)
+    print(markdown(result).split("\n\n")[0])
+    print(f"\n{len(texts)} languages; per-language table, JSON and chart in {args.out}/fertility.{{md,json,png}}")
+    return 0
+
+
 def _add_tokenizer_commands(sub) -> None:
-    pass
+    tk = sub.add_parser("tokenizer", help="the Apertus tokenizer: rebuild, train, evaluate")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    s = tsub.add_parser("apertus", help="rebuild the released Apertus tokenizer from mistral-common and verify it")
+    s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    s.add_argument("--base", action="store_true", help="base-model config (no chat template, eos </s>)")
+    s.set_defaults(func=cmd_tokenizer_apertus)
+    s = tsub.add_parser("train", help="train a byte-level BPE with the Apertus special-token layout")
+    s.add_argument("--corpus", nargs="+", required=True,
+                   help="udhr, flores, or .txt/.jsonl files or directories (jsonl rows need 'text')")
+    s.add_argument("--vocab-size", type=int, required=True, help="total, including the 1000 reserved ids")
+    s.add_argument("--out", required=True)
+    s.add_argument("--min-frequency", type=int, default=2)
+    s.add_argument("--max-mb", type=float, default=None, help="stop reading the corpus after this many MB")
+    s.set_defaults(func=cmd_tokenizer_train)
+    s = tsub.add_parser("eval", help="fertility per language and cross-language fairness, side by side")
+    s.add_argument("--tokenizer", nargs="+", required=True,
+                   help="apertus, or tokenizer.json files / directories; NAME=PATH names a column")
+    s.add_argument("--corpus", nargs="+", default=["flores"], help="udhr, flores, or .txt/.jsonl files or directories")
+    s.add_argument("--out", default="tokenizer_eval", help="directory for fertility.md/.json/.png")
+    s.set_defaults(func=cmd_tokenizer_eval)
 
 
 # === data pipeline (issue 4) =========================================================================================
