@@ -17,6 +17,7 @@ import json
 import random
 import re
 
+from ..chat import STOP_IDS, encode_chat
 from . import tasks as T
 
 MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -24,7 +25,6 @@ STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 BASE_STOP = ["Question:", "\n\n"]
 CHAT_DATE = "2025-09-02"  # the chat format's system message carries a date: fixed, so prompts are reproducible
-CHAT_STOP_IDS = (2, 68, 72)  # </s>, <|assistant_end|>, <|tools_suffix|> (apertus.chat.STOP_IDS)
 
 
 def gsm8k_docs(split: str = "test", root=None) -> list[dict]:
@@ -104,28 +104,17 @@ def run_gen(generate, subtasks: dict, *, chat: bool, tokenizer, limit: int | Non
     prompts = []
     for ds in docs.values():
         for d in ds:
-            prompts.append(chat_prompt_ids(tokenizer, chat_messages(d["question"], shots)) if chat
-                           else [_token(tokenizer, "<s>", 1)] + tokenizer.encode(base_prompt(d["question"], shots),
-                                                                     add_special_tokens=False).ids)
-    stop_ids = list(CHAT_STOP_IDS) if chat else [_token(tokenizer, "</s>", 2)]
+            if chat:
+                prompts.append(encode_chat(tokenizer, chat_messages(d["question"], shots), add_generation_prompt=True,
+                                           date=CHAT_DATE)[0])
+            else:
+                prompts.append(tokenizer.encode(base_prompt(d["question"], shots), bos=True))
+    stop_ids = list(STOP_IDS) if chat else [tokenizer.eos_id]
     replies = iter(generate(prompts, max_tokens, None if chat else BASE_STOP, stop_ids))
     results, samples = {}, {}
     for name, ds in docs.items():
         results[name], samples[name] = score(ds, [next(replies) for _ in ds])
     return results, samples
-
-
-def _token(tokenizer, name: str, default: int) -> int:
-    i = tokenizer.token_to_id(name)
-    return default if i is None else i
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The Apertus chat format up to the assistant's turn (apertus.chat, the tokenizer work's renderer)."""
-    from ..chat import render
-
-    text = render(messages, add_generation_prompt=True, date=CHAT_DATE)
-    return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def engine_generate(engine):

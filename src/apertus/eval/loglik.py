@@ -24,49 +24,41 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import data_root
+from ..tokenizer import Tokenizer, apertus_tokenizer_path
+
+APERTUS_VOCAB = 131072
 
 
 def load_tokenizer(model_dir: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-                   vocab_size: int | None = None):
-    """The `tokenizers.Tokenizer` of a checkpoint: `tokenizer` if given, else DIR/tokenizer.json, else the released
-    Apertus tokenizer when the model has its vocabulary (131,072 ids)."""
-    from tokenizers import Tokenizer
-
-    candidates = []
+                   vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint: `tokenizer` if given, else DIR/tokenizer.json, else the released Apertus
+    tokenizer when the model has its vocabulary (131,072 ids)."""
     if tokenizer is not None:
-        p = Path(tokenizer)
-        candidates.append(p / "tokenizer.json" if p.is_dir() else p)
+        tok = Tokenizer.from_file(tokenizer)
     elif model_dir is not None and (Path(model_dir) / "tokenizer.json").exists():
-        candidates.append(Path(model_dir) / "tokenizer.json")
-    elif vocab_size == 131072:
-        candidates.append(data_root() / "apertus_tokenizer" / "tokenizer.json")
-    for c in candidates:
-        if not c.exists():
-            raise FileNotFoundError(f"{c}: tokenizer not found")
-        tok = Tokenizer.from_file(str(c))
-        if vocab_size is not None and tok.get_vocab_size() > vocab_size:
-            raise ValueError(f"{c}: tokenizer has {tok.get_vocab_size()} ids, more than the model's {vocab_size}")
-        return tok
-    raise FileNotFoundError(f"{model_dir}: no tokenizer.json in the checkpoint and the model's vocabulary "
-                            f"({vocab_size}) is not Apertus's; pass --tokenizer")
-
-
-def _token_id(tok, name: str, default: int) -> int:
-    i = tok.token_to_id(name)
-    return default if i is None else i
+        tok = Tokenizer.from_file(model_dir)
+    elif vocab_size == APERTUS_VOCAB:
+        tok = Tokenizer.from_file(apertus_tokenizer_path())
+    else:
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json in the checkpoint and the model's vocabulary "
+                                f"({vocab_size}) is not Apertus's; pass --tokenizer")
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, more than the model's {vocab_size}")
+    if tok.bos_id is None:
+        raise ValueError("the tokenizer has no <s> token: documents are scored as <s> + text")
+    return tok
 
 
 class Scorer:
     """A model and its tokenizer, scoring text. `model` needs `hidden_states(ids, position_ids, attn_mask)` and
     `lm_head` (an `apertus.model.Apertus`)."""
 
-    def __init__(self, model, tokenizer, max_len: int = 4096, batch_tokens: int = 8192, progress: bool = True):
-        self.model, self.tokenizer = model, getattr(tokenizer, "inner", tokenizer)
+    def __init__(self, model, tokenizer: Tokenizer, max_len: int = 4096, batch_tokens: int = 8192,
+                 progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
         self.max_len = min(max_len, model.config.max_position_embeddings)
         self.batch_tokens, self.progress = batch_tokens, progress
-        self.bos_id = _token_id(self.tokenizer, "<s>", model.config.bos_token_id)
-        self.eos_id = _token_id(self.tokenizer, "</s>", model.config.eos_token_id)
+        self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
 
     @classmethod
     def from_pretrained(cls, path, dtype="fp32", device=None, tokenizer=None, **kwargs) -> Scorer:
@@ -81,10 +73,7 @@ class Scorer:
         return self.model.lm_head.weight.device
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.encode_batch(list(texts), bos=False)
 
     def pair_ids(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """(context, continuation) strings to token ids, split as lm-evaluation-harness splits them."""
@@ -173,7 +162,7 @@ def _layout(ctx, branches):
 
 @torch.inference_mode()
 def score_requests(model, requests: list[tuple[list[int], list[int]]], max_len: int, batch_tokens: int = 8192,
-                   progress: bool = True, chunk: int = 1024) -> list[tuple[float, bool]]:
+                   progress: bool = True, chunk: int = 256) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, is_greedy) of each continuation given its context; see the module docstring."""
     device = model.lm_head.weight.device
     rows = sorted(_segments(requests, max_len), key=lambda r: -(len(r[0]) + sum(len(c) - 1 for _, c in r[1])))
