@@ -7,8 +7,9 @@ multi-turn" protocol, rendered with the Apertus chat format and stopped at the c
 question in each of its 11 languages after the same English exemplars (the "EN-CoT" setting of Shi et al. 2022; the
 native exemplars of the MGSM repository are not part of ../shared/data).
 
-Two scores, as lm-eval's GSM8K filters: `exact_match` takes the last number of the reply ("flexible-extract"),
-`strict_match` only a number after "####". Numbers compare after removing "," and "$" and a trailing ".".
+Two scores, exactly as lm-eval's GSM8K task: `exact_match` takes the last number-like match of the reply
+("flexible-extract"), `strict_match` the number after "####"; both compare as strings after removing ",", "$",
+everything up to "#### " and a final ".", ignoring case.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from . import tasks as T
 MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # lm-eval gsm8k.yaml regexes_to_ignore
+INVALID = "[invalid]"
 BASE_STOP = ["Question:", "\n\n"]
 CHAT_DATE = "2025-09-02"  # the chat format's system message carries a date: fixed, so prompts are reproducible
 
@@ -57,23 +60,20 @@ def chat_messages(question: str, shots: list[dict]) -> list[dict]:
     return msgs + [{"role": "user", "content": question}]
 
 
-def normalize(number: str | None) -> str | None:
-    if number is None:
-        return None
-    s = number.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        x = float(s)
-    except ValueError:
-        return s
-    return str(int(x)) if x == int(x) else repr(x)
+def normalize(answer: str) -> str:
+    """lm-eval's GSM8K exact_match: drop ",", "$", everything up to "#### " and a final "."; case-insensitive."""
+    for pattern in IGNORE:
+        answer = re.sub(pattern, "", answer)
+    return answer.lower()
 
 
-def extract(reply: str) -> tuple[str | None, str | None]:
-    """(flexible: the last number in the reply, strict: the number after '####'), both normalised."""
-    strict = STRICT.search(reply)
-    flexible = [m[0] or m[1] for m in FLEXIBLE.findall(reply)]
-    flexible = [f for f in flexible if any(c.isdigit() for c in f)]
-    return normalize(flexible[-1] if flexible else None), normalize(strict.group(1) if strict else None)
+def extract(reply: str) -> tuple[str, str]:
+    """(flexible: the last number-like match, strict: the first number after '####'), as lm-eval's regex filters
+    take them ("[invalid]" when there is none)."""
+    flexible = FLEXIBLE.findall(reply)
+    flexible = next((g for g in flexible[-1] if g), INVALID).strip() if flexible else INVALID
+    strict = STRICT.findall(reply)
+    return flexible, strict[0].strip() if strict else INVALID
 
 
 def score(docs: list[dict], replies: list[str]) -> tuple[dict, list[dict]]:
@@ -82,10 +82,10 @@ def score(docs: list[dict], replies: list[str]) -> tuple[dict, list[dict]]:
     for d, reply in zip(docs, replies, strict=True):
         flex, st = extract(reply)
         target = normalize(d["target"])
-        em.append(float(flex == target))
-        strict.append(float(st == target))
+        em.append(float(normalize(flex) == target))
+        strict.append(float(normalize(st) == target))
         samples.append({"question": d["question"], "target": d["target"], "reply": reply, "extracted": flex,
-                        "correct": flex == target})
+                        "correct": bool(em[-1])})
     out = {"n": len(docs), "chance": 0.0, "exact_match": T.mean(em), "exact_match_stderr": T.mean_stderr(em),
            "strict_match": T.mean(strict), "strict_match_stderr": T.mean_stderr(strict)}
     return out, samples

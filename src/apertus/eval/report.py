@@ -73,7 +73,8 @@ def charts(results: dict, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(rows) + 2), 4.5))
         x = range(len(rows))
         ax.bar(x, vals, yerr=errs, color="#4C72B0", ecolor="#333333", capsize=2 if len(rows) < 40 else 0)
-        ax.plot(x, chance, "k--", lw=1, label="chance" if metric != "bpb" else "uniform over the vocabulary")
+        ax.hlines(chance, [i - 0.4 for i in x], [i + 0.4 for i in x], colors="k", linestyles="--", lw=1,
+                  label="chance" if metric != "bpb" else "chance: uniform over the vocabulary")
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=90, fontsize=7 if len(rows) > 40 else 9)
         ax.set_ylabel("bits per byte (lower is better)" if metric == "bpb" else f"{metric} (%)")
