@@ -17,7 +17,6 @@ context + continuation is encoded as one string and split at the context's token
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -214,7 +213,3 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], max_len: 
         bar.update(len(targets))
     bar.close()
     return out
-
-
-def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
-    return nll_nats / math.log(2) / n_bytes
