@@ -117,8 +117,53 @@ def _add_tokenizer_commands(sub) -> None:
 # === data pipeline (issue 4) =========================================================================================
 
 
+def cmd_data_build(args) -> int:
+    import time
+
+    from .data.pipeline import build, funnel_table
+
+    out = args.out or f"runs/data/{__import__('pathlib').Path(args.recipe).stem}"
+    t = time.time()
+    print(f"building {args.recipe} -> {out}")
+    manifest = build(args.recipe, out, tasks=args.tasks, workers=args.workers, keep_work=args.keep_work)
+    if manifest is None:
+        return 0
+    print(funnel_table(manifest))
+    shards = manifest["shards"]
+    print(f"{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
+          f"{time.time() - t:.1f}s; manifest: {out}/manifest.json")
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.pipeline import funnel_table
+
+    path = Path(args.dataset) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a built dataset")
+    manifest = json.loads(path.read_text())
+    print(funnel_table(manifest))
+    for st in manifest["stages"]:
+        print(f"stage {st['name']}: {st['sources']} tokens={st['tokens']}")
+    return 0
+
+
 def _add_data_commands(sub) -> None:
-    pass
+    d = sub.add_parser("data", help="the data pipeline: build tokenized shards from a recipe").add_subparsers(
+        dest="data_command", required=True)
+    s = d.add_parser("build", help="run a data recipe (TOML): sources -> filters -> dedup -> shards + manifest")
+    s.add_argument("recipe", help="data recipe, e.g. recipes/data_tiny.toml")
+    s.add_argument("--out", help="output directory (default runs/data/<recipe name>); re-running resumes")
+    s.add_argument("--tasks", type=int, help="override [executor] tasks")
+    s.add_argument("--workers", type=int, help="override [executor] workers (local processes)")
+    s.add_argument("--keep-work", action="store_true", help="keep the intermediate files under <out>/work")
+    s.set_defaults(func=cmd_data_build)
+    s = d.add_parser("info", help="print the funnel and stages of a built dataset")
+    s.add_argument("dataset")
+    s.set_defaults(func=cmd_data_info)
 
 
 # === pretraining and export (issue 5) ================================================================================
@@ -131,8 +176,73 @@ def _add_train_commands(sub) -> None:
 # === inference: generate, chat (issue 6) =============================================================================
 
 
+def _engine_from_args(args):
+    from .infer import Engine
+
+    return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, cache_gb=args.cache_gb,
+                  quantize=args.quantize)
+
+
+def _sampling_from_args(args, **extra):
+    from .infer import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                          **extra)
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    with _engine_from_args(args) as engine:
+        t = time.perf_counter()
+        handle = engine.submit(prompt, _sampling_from_args(args, stop=args.stop or None))
+        for delta in handle:
+            print(delta.text, end="", flush=True)
+        print()
+        dt = time.perf_counter() - t
+    n = len(handle.output_ids)
+    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {handle.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .infer.repl import chat_loop
+
+    with _engine_from_args(args) as engine:
+        chat_loop(engine, _sampling_from_args(args), system=args.system, thinking=args.think)
+    return 0
+
+
+def _add_sampling_args(s, max_tokens: int) -> None:
+    s.add_argument("model", help="checkpoint directory (or a preset name, random weights)")
+    s.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0.8)")
+    s.add_argument("--top-p", type=float, help="nucleus sampling (default: generation_config.json, else 0.9)")
+    s.add_argument("--top-k", type=int, help="0 = off")
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--max-tokens", type=int, default=max_tokens)
+    s.add_argument("--seed", type=int, help="reproducible sampling")
+    s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the checkpoint's (bf16 on GPU)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
+    s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)")
+
+
 def _add_infer_commands(sub) -> None:
-    pass
+    s = sub.add_parser("generate", help="continue a prompt with a base model (streams the continuation)")
+    _add_sampling_args(s, max_tokens=128)
+    s.add_argument("--prompt", help="the text to continue (default: read stdin); BOS is added")
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="terminal chat with an instruct model (/reset, /think, /system, /quit)")
+    _add_sampling_args(s, max_tokens=1024)
+    s.add_argument("--system", help="system prompt (default: the Apertus one)")
+    s.add_argument("--think", action="store_true", help="start with deliberation (reasoning) enabled")
+    s.set_defaults(func=cmd_chat)
 
 
 # === server (issue 7) ================================================================================================

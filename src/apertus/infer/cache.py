@@ -1,0 +1,110 @@
+"""A paged KV cache preallocated from a memory budget, and the per-forward view the model's attention writes through.
+
+Keys and values of all sequences live in one (tokens, n_kv, head_dim) buffer per layer, handed out in pages of
+`page_size` token slots, so one long request and many short ones share the same memory (no per-slot maximum length).
+One extra page stays zero: rows of a decode batch shorter than the longest read it as (masked) padding keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, cfg, n_pages: int, page_size: int, dtype: torch.dtype, device):
+        self.page_size, self.n_pages = page_size, n_pages
+        slots = (n_pages + 1) * page_size  # + the zero page (page number n_pages)
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim)
+        # zeros, not empty: masked keys still multiply their (zero) values, and NaN * 0 would leak into outputs
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.free_pages = list(range(n_pages - 1, -1, -1))  # pop() hands out low pages first
+
+    @staticmethod
+    def bytes_per_token(cfg, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold when it has the whole cache."""
+        return self.n_pages * self.page_size
+
+    def pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def grow(self, pages: list[int], n_tokens: int) -> bool:
+        """Extend a sequence's page list to hold n_tokens; False (and nothing taken) when the cache is full."""
+        need = self.pages_for(n_tokens) - len(pages)
+        if need > len(self.free_pages):
+            return False
+        pages.extend(self.free_pages.pop() for _ in range(max(need, 0)))
+        return True
+
+    def release(self, pages: list[int]):
+        """Give a sequence's pages back. The list itself is left alone: a forward in flight may still read it."""
+        self.free_pages.extend(reversed(pages))
+
+    def _table(self, page_tables: list[list[int]]) -> torch.Tensor:
+        """(rows, pages) page numbers, padded with the zero page (never written)."""
+        width = max(len(p) for p in page_tables)
+        return torch.tensor([p + [self.n_pages] * (width - len(p)) for p in page_tables], device=self.k.device)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        # additive masks in the cache dtype: SDPA on CPU runs them about twice as fast as the same mask in bool
+        return torch.zeros(allowed.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(~allowed, -torch.inf)
+
+    def decode_view(self, page_tables: list[list[int]], lengths: list[int]):
+        """One new token for each of B rows, row b having lengths[b] tokens cached: a (B, 1) batch whose keys are
+        padded to the longest row. Returns (cache view, position ids (B, 1), mask (B, 1, 1, keys) or None)."""
+        dev, P = self.k.device, self.page_size
+        table = self._table(page_tables)
+        pos = torch.tensor(lengths, device=dev)[:, None]
+        write = table.gather(1, pos // P) * P + pos % P
+        j = torch.arange(int(pos.max()) + 1, device=dev)[None]
+        read = table.gather(1, (j // P).expand(len(lengths), -1)) * P + j % P
+        mask = None if len(lengths) == 1 else self._additive(j <= pos)[:, None, None]
+        return StepView(self, write.flatten(), read), pos, mask
+
+    def prefill_view(self, page_tables: list[list[int]], starts: list[int], lengths: list[int]):
+        """Prompt chunks of several rows packed into ONE row (no padding): row b feeds lengths[b] tokens after its
+        starts[b] cached ones, and each token sees only its own row's keys. Returns (view, position ids (1, T),
+        mask (1, 1, T, keys) or None for one row from the start, which the model runs as plain causal attention)."""
+        dev, P = self.k.device, self.page_size
+        table = self._table(page_tables)
+        rows = torch.arange(len(lengths), device=dev)
+        start, length = torch.tensor(starts, device=dev), torch.tensor(lengths, device=dev)
+        q_row = rows.repeat_interleave(length)
+        q_pos = start[q_row] + torch.arange(len(q_row), device=dev) - (torch.cumsum(length, 0) - length)[q_row]
+        k_row = rows.repeat_interleave(start + length)
+        k_pos = torch.arange(len(k_row), device=dev) - (torch.cumsum(start + length, 0) - start - length)[k_row]
+        write = table[q_row, q_pos // P] * P + q_pos % P
+        read = (table[k_row, k_pos // P] * P + k_pos % P)[None]
+        if len(lengths) == 1 and starts[0] == 0:
+            mask = None
+        elif len(lengths) == 1:  # only the last block of keys is causal; the cached ones are all visible
+            mask = torch.zeros(lengths[0], len(k_row), dtype=self.k.dtype, device=dev)
+            mask[:, starts[0]:] = self._additive(torch.ones(lengths[0], lengths[0], dtype=torch.bool,
+                                                            device=dev).tril())
+            mask = mask[None, None]
+        else:
+            mask = self._additive((q_row[:, None] == k_row[None]) & (k_pos[None] <= q_pos[:, None]))[None, None]
+        return StepView(self, write, read), q_pos[None], mask
+
+
+class StepView:
+    """What the model's attention calls: `k, v = cache.update(layer_idx, k, v)` with k, v (B, n_kv, T, head_dim)."""
+
+    def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor):
+        self.cache, self.write, self.read, self.read_flat = cache, write, read, read.flatten()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        K, V = self.cache.k[layer], self.cache.v[layer]
+        K.index_copy_(0, self.write, k.transpose(1, 2).reshape(-1, *K.shape[1:]))
+        V.index_copy_(0, self.write, v.transpose(1, 2).reshape(-1, *V.shape[1:]))
+        # index_select copies whole (n_kv, D) rows (several times faster than advanced indexing on CPU);
+        # (B, n_keys, n_kv, D) -> (B, n_kv, n_keys, D) as a strided view, which SDPA reads as is
+        shape = (*self.read.shape, *K.shape[1:])
+        k = K.index_select(0, self.read_flat).view(shape).transpose(1, 2)
+        v = V.index_select(0, self.read_flat).view(shape).transpose(1, 2)
+        return k, v

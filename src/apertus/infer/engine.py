@@ -1,0 +1,503 @@
+"""The inference engine: one for the CLI, the server, evaluation and the QRPO sampler.
+
+    engine = Engine("path/to/checkpoint")                         # or a model object, or a preset name
+    [r] = engine.generate(["Grüezi"], SamplingParams(temperature=0, max_tokens=20)); r.text, r.output_ids
+    handle = engine.submit(prompt_ids_or_text, params)           # thread-safe; returns at once
+    for delta in handle: print(delta.text, end="")               # streams; handle.cancel() frees its cache now
+
+Continuous batching: a background thread runs steps; between two steps requests join (FIFO from a bounded queue)
+and leave (finished or cancelled). Each step runs every decoding request in one batched forward of one token each,
+then at most `prefill_chunk` prompt tokens of the requests still reading their prompt, packed without padding into
+single rows (chunked prefill: a long prompt never stalls the others for more than one chunk per step). Keys and
+values go to a paged cache sized
+from a memory budget (cache.py); when it fills up, the youngest request is preempted (its pages freed, its prompt and
+output recomputed later), so admission needs only the prompt to fit. Stop tokens, stop strings and max_tokens end a
+request; text is detokenized incrementally (tokenizers' DecodeStream: no broken UTF-8 between chunks) and the last
+len(longest stop string) - 1 characters are held back so a streamed stop string is never shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import PagedKVCache
+from .sampler import SamplingParams, defaults_from_generation_config, sample
+
+log = logging.getLogger(__name__)
+
+
+class EngineBusy(RuntimeError):
+    """The request queue is full (the server answers 503); try again later."""
+
+
+@dataclass
+class Delta:
+    """One streamed piece of a request: new text (may be empty while bytes or a possible stop string are pending),
+    the token(s) of this step with their log-probabilities, and finish_reason on the last piece."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+
+
+class Request:
+    """Handle of a submitted request: iterate it (once) for Deltas, `result()` to wait, `cancel()` to stop it.
+
+    After it finishes: output_ids (stop token included), text (stop token and stop string excluded), logprobs and
+    top_logprobs per output token (when asked), finish_reason ("stop", "length", "cancelled" or "error").
+    """
+
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, engine: Engine, on_event=None):
+        self.id, self.prompt_ids, self.params = rid, prompt_ids, params
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.error: BaseException | None = None
+        self._engine, self._on_event = engine, on_event
+        self._events: queue.Queue[Delta] = queue.Queue()
+        self._done = threading.Event()
+        # engine-thread state
+        self._tokens = list(prompt_ids)  # prompt + output: what the model reads
+        self._n_cached = 0
+        self._pages: list[int] = []
+        self._gen = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        self._emitted = 0  # characters of text already streamed
+        self._decoder = None
+        self._prompt_seen = self._out_counts = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __iter__(self):
+        while True:
+            delta = self._events.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Request:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout}s")
+        if self.error is not None:
+            raise RuntimeError(f"request {self.id} failed: {self.error}") from self.error
+        return self
+
+    def cancel(self):
+        """Stop now: the request leaves the batch and its cache pages are free for the next step."""
+        self._engine._cancel(self)
+
+
+def _load_tokenizer(tokenizer, model_dir: Path | None):
+    """An `apertus.tokenizer.Tokenizer` from: None (the checkpoint's tokenizer.json, if any), a path, a Tokenizer or a
+    bare `tokenizers.Tokenizer`."""
+    from ..tokenizer import Tokenizer
+
+    if tokenizer is None:
+        has = model_dir is not None and (model_dir / "tokenizer.json").exists()
+        return Tokenizer.from_file(model_dir) if has else None
+    if isinstance(tokenizer, (str, Path)):
+        return Tokenizer.from_file(tokenizer)
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+
+
+def _checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint was saved in (config.json torch_dtype / dtype), fp32 when it does not say."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    return torch.bfloat16 if cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16" else torch.float32
+
+
+def _packs(rows, max_keys: int):
+    """Split prompt chunks into packs of at most max_keys keys (cached + new) each: a pack is one row whose tokens
+    attend to all its keys (masked per request), so the wasted attention grows with the pack's keys squared."""
+    packs, keys = [], max_keys
+    for row in rows:
+        k = row[0]._n_cached + row[1]
+        if keys + k > max_keys:
+            packs.append([])
+            keys = 0
+        packs[-1].append(row)
+        keys += k
+    return packs
+
+
+class Engine:
+    """`Engine(checkpoint_dir | preset | model, tokenizer=None, dtype=None, ...)`.
+
+    dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
+    quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
+    """
+
+    def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
+                 cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 2048, max_queue: int = 1024,
+                 page_size: int = 16, quantize: str | None = None):
+        from ..checkpoint import load_model, parse_dtype
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = parse_dtype(dtype)
+        model_dir = None
+        if isinstance(model_or_path, torch.nn.Module):
+            model = model_or_path.to(device=device, dtype=dtype) if dtype else model_or_path.to(device)
+        else:
+            model_dir = Path(model_or_path) if Path(model_or_path).is_dir() else None
+            if dtype is None:
+                dtype = torch.bfloat16 if device.type == "cuda" or (
+                    model_dir and _checkpoint_dtype(model_dir) == torch.bfloat16) else torch.float32
+            model = load_model(model_or_path, dtype=dtype, device=device)
+        if quantize is not None:
+            from .quant import quantize_int8
+
+            if quantize != "int8" or device.type != "cpu":
+                raise ValueError(f"engine: quantize={quantize!r} is not supported (int8 on CPU only)")
+            quantize_int8(model)
+        self.model, self.config, self.device = model.eval(), model.config, device
+        self.tokenizer = _load_tokenizer(tokenizer, model_dir)
+        gen = {}
+        if model_dir is not None and (model_dir / "generation_config.json").exists():
+            import json
+
+            gen = json.loads((model_dir / "generation_config.json").read_text())
+        self.defaults = defaults_from_generation_config(gen, self.config.eos_token_id)
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("max_queue", max_queue),
+                            ("page_size", page_size), ("cache_gb", cache_gb)):
+            if value <= 0:
+                raise ValueError(f"engine: {name} = {value} must be positive")
+        self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
+        # Packed prompt chunks waste attention across requests; cap a pack's keys so that the waste stays near a
+        # quarter of the useful matmul work: keys * 4*heads*head_dim*layers <= 0.25 * 2*(weights in the layers).
+        cfg = self.config
+        layer_weights = cfg.num_params(embeddings=False) - cfg.vocab_size * cfg.hidden_size
+        self.pack_keys = max(256, layer_weights // (8 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers))
+        # The cache never needs more than max_batch full contexts; within that, the budget decides.
+        kv_dtype = model.model.norm.weight.dtype
+        per_token = PagedKVCache.bytes_per_token(self.config, kv_dtype)
+        tokens = min(int(cache_gb * 2**30) // per_token, max_batch * self.config.max_position_embeddings)
+        if tokens < page_size:
+            raise ValueError(f"engine: cache_gb = {cache_gb} holds {tokens} tokens ({per_token:,} bytes each); "
+                             "raise it")
+        self.cache = PagedKVCache(self.config, tokens // page_size, page_size, kv_dtype, device)
+        self.stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0}
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._next_id = 0
+
+    # --- public API ------------------------------------------------------------------------------------------------
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + output one request may have: the model's context, or the cache if it is smaller."""
+        return min(self.config.max_position_embeddings, self.cache.capacity)
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids of text; bos=False for text that already carries <s> (a rendered chat)."""
+        if self.tokenizer is None:
+            raise ValueError("engine: this model has no tokenizer.json; pass token ids or a tokenizer")
+        return self.tokenizer.encode(text, bos=bos)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, on_event=None,
+               block: bool = False) -> Request:
+        """Queue a request (text is tokenized with BOS, ids are used as they are) and return its handle at once.
+
+        Raises ValueError for a bad request before any compute (empty prompt, ids outside the vocabulary, prompt +
+        max_tokens beyond the context or the cache budget) and EngineBusy when the queue is full (unless block).
+        `on_event(delta)` is called from the engine thread for every Delta (e.g. to hand it to an asyncio loop with
+        `loop.call_soon_threadsafe`); the handle can also be iterated.
+        """
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        params = (params or SamplingParams()).resolved(self.defaults)
+        if not ids:
+            raise ValueError("engine: empty prompt")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise ValueError(f"engine: prompt token ids must be in [0, {self.config.vocab_size})")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("engine: stop strings need a tokenizer")
+        limit = self.max_context
+        if params.max_tokens is None:
+            if len(ids) >= limit:
+                raise ValueError(f"engine: prompt of {len(ids):,} tokens leaves no room in the context of {limit:,}")
+            params.max_tokens = limit - len(ids)
+        total = len(ids) + params.max_tokens
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"engine: prompt ({len(ids):,} tokens) + max_tokens ({params.max_tokens:,}) = "
+                             f"{total:,} exceeds the model's context of {self.config.max_position_embeddings:,}")
+        if total > self.cache.capacity:
+            raise ValueError(f"engine: prompt ({len(ids):,} tokens) + max_tokens ({params.max_tokens:,}) = "
+                             f"{total:,} exceeds the KV-cache budget of {self.cache.capacity:,} tokens; "
+                             "raise cache_gb or lower max_tokens")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("engine: closed")
+            while len(self._waiting) >= self.max_queue:
+                if not block:
+                    raise EngineBusy(f"engine: {len(self._waiting)} requests already queued")
+                self._lock.wait()
+            self._next_id += 1
+            req = Request(f"req-{self._next_id}", ids, params, self, on_event)
+            self._waiting.append(req)
+            self._start()
+            self._lock.notify_all()
+        return req
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[Request]:
+        """Run prompts (texts or id lists) together to completion; returns the finished handles in order."""
+        many = params if isinstance(params, list) else [params] * len(prompts)
+        if len(many) != len(prompts):
+            raise ValueError(f"engine: {len(prompts)} prompts but {len(many)} sampling params")
+        handles = []
+        try:
+            for p, sp in zip(prompts, many, strict=True):
+                handles.append(self.submit(p, sp, block=True))
+            return [h.result() for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            pending = list(self._waiting) + list(self._running)
+            self._lock.notify_all()
+        for req in pending:
+            req.cancel()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- scheduling (under the lock) -------------------------------------------------------------------------------
+
+    def _start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="apertus-engine", daemon=True)
+            self._thread.start()
+
+    def _cancel(self, req: Request):
+        with self._lock:
+            if req.finished:
+                return
+            if req in self._waiting:
+                self._waiting.remove(req)
+            delta = self._finish(req, "cancelled")
+        self._dispatch([(req, delta)])
+
+    def _finish(self, req: Request, reason: str) -> Delta:
+        """Mark done and free its cache pages (caller holds the lock); returns the last Delta to dispatch."""
+        req.finish_reason = reason
+        if req in self._running:
+            self._running.remove(req)
+        self.cache.release(req._pages)
+        req._pages = []
+        self._lock.notify_all()
+        return Delta("", [], finish_reason=reason)
+
+    def _preempt(self, req: Request):
+        self.cache.release(req._pages)
+        req._pages = []
+        req._n_cached = 0
+        self._running.remove(req)
+        self._waiting.appendleft(req)
+        self.stats["preemptions"] += 1
+
+    def _admit(self):
+        free = len(self.cache.free_pages)
+        while self._waiting and len(self._running) < self.max_batch:
+            need = self.cache.pages_for(len(self._waiting[0]._tokens) + 1)
+            if need > free and self._running:  # wait for room (FIFO: nobody overtakes); alone, it always fits
+                break
+            free -= need
+            self._running.append(self._waiting.popleft())
+        self._lock.notify_all()  # room in the queue for blocked submitters
+
+    def _plan(self):
+        """Rows of this step, (request, tokens to feed, its page list), for decoding requests and prompt chunks."""
+        decode, prefill, budget = [], [], self.prefill_chunk
+        for req in list(self._running):
+            if req not in self._running:  # preempted below for an older request
+                continue
+            pending = len(req._tokens) - req._n_cached
+            n = 1 if pending == 1 else min(pending, budget)
+            if n == 0:
+                continue
+            while not self.cache.grow(req._pages, req._n_cached + n):
+                self._preempt(self._running[-1])  # the youngest makes room (possibly req itself)
+                if req not in self._running:
+                    break
+            else:  # the page list goes along: a cancel during the forward swaps req._pages, not this list
+                (decode if pending == 1 else prefill).append((req, n, req._pages))
+                budget -= n if pending > 1 else 0
+        return decode, prefill
+
+    # --- the engine thread -----------------------------------------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._closed:
+                    return
+            try:
+                self._step()
+            except Exception as e:  # fail the requests of that step, keep serving the queue
+                log.exception("engine step failed")
+                with self._lock:
+                    out = []
+                    for req in list(self._running):
+                        req.error = e
+                        out.append((req, self._finish(req, "error")))
+                self._dispatch(out)
+
+    @torch.inference_mode()
+    def _step(self):
+        with self._lock:
+            self._admit()
+            decode, prefill = self._plan()
+        groups = [(decode, True)] if decode else []
+        groups += [(pack, False) for pack in _packs(prefill, self.pack_keys)]
+        self.stats["steps"] += 1
+        rows, hidden = [], []
+        for group, decode in groups:
+            h = self._forward(group, decode)
+            for (req, n, _), hb in zip(group, h, strict=True):
+                if req._n_cached + n == len(req._tokens):  # fed everything it has: its next token is due
+                    rows.append(req)
+                    hidden.append(hb)
+        sampled = None
+        if rows:
+            logits = self.model.lm_head(torch.stack(hidden))
+            params = [r.params for r in rows]
+            for r in rows:
+                if r.params.penalized and r._out_counts is None:
+                    self._init_penalty_state(r)
+            sampled = sample(logits, params, [r._gen for r in rows], [r._prompt_seen for r in rows],
+                             [r._out_counts for r in rows])
+        out = []
+        with self._lock:
+            for group, _ in groups:
+                for req, n, _ in group:
+                    if not req.finished and req in self._running:
+                        req._n_cached += n
+            if sampled is not None:
+                tokens, lps, top_ids, top_lps = (x.tolist() if x is not None else None for x in sampled)
+                for b, req in enumerate(rows):
+                    if req.finished or req not in self._running:  # cancelled during the forward
+                        continue
+                    top = list(zip(top_ids[b], top_lps[b], strict=True)) if top_ids is not None else None
+                    out.append((req, self._accept(req, tokens[b], lps[b] if lps else None, top)))
+        self._dispatch(out)
+
+    def _forward(self, group, decode: bool) -> torch.Tensor:
+        """One forward of the rows' next tokens through the cache; the final hidden state of each row's last token.
+        Decoding rows go as a (B, 1) batch; prompt chunks are packed into one row (no padding)."""
+        feeds, tables, starts = [n for _, n, _ in group], [p for _, _, p in group], [r._n_cached for r, _, _ in group]
+        ids = [t for r, n, _ in group for t in r._tokens[r._n_cached:r._n_cached + n]]
+        if decode:
+            input_ids = torch.tensor(ids, device=self.device)[:, None]
+            view, positions, mask = self.cache.decode_view(tables, starts)
+        else:
+            input_ids = torch.tensor(ids, device=self.device)[None]
+            view, positions, mask = self.cache.prefill_view(tables, starts, feeds)
+        h = self.model.hidden_states(input_ids, positions, mask, view)
+        self.stats["forwards"] += 1
+        self.stats["decode_tokens" if decode else "prefill_tokens"] += len(ids)
+        if decode:
+            return h[:, 0]
+        return h[0, torch.cumsum(torch.tensor(feeds, device=self.device), 0) - 1]
+
+    def _init_penalty_state(self, req: Request):
+        V = self.config.vocab_size
+        req._prompt_seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+        req._prompt_seen[torch.tensor(req.prompt_ids, device=self.device)] = True
+        req._out_counts = torch.zeros(V, device=self.device)
+        for t in req.output_ids:
+            req._out_counts[t] += 1
+
+    def _accept(self, req: Request, token: int, logprob, top) -> Delta:
+        """Append a sampled token, stream its text, and finish the request if a stop condition holds."""
+        p = req.params
+        req.output_ids.append(token)
+        req._tokens.append(token)
+        if p.logprobs:
+            req.logprobs.append(logprob)
+        if p.top_logprobs:
+            top = top[: p.top_logprobs]
+            req.top_logprobs.append(top)
+        if req._out_counts is not None:
+            req._out_counts[token] += 1
+        finish = None
+        if token in p.stop_token_ids and not p.ignore_eos:
+            finish, req.stop_reason = "stop", token
+        elif self.tokenizer is not None:
+            if req._decoder is None:
+                from tokenizers.decoders import DecodeStream
+
+                req._decoder = DecodeStream(skip_special_tokens=p.skip_special_tokens)
+            piece = req._decoder.step(self.tokenizer.inner, token)
+            if piece:
+                before = len(req.text)
+                req.text += piece
+                for s in p.stop_strings:
+                    at = req.text.find(s, max(0, before - len(s) + 1))
+                    if at >= 0:
+                        req.text, finish, req.stop_reason = req.text[:at], "stop", s
+                        break
+        if finish is None and len(req.output_ids) >= p.max_tokens:
+            finish = "length"
+        if finish is not None and not isinstance(req.stop_reason, str):
+            self._flush_text(req)
+        hold = max((len(s) for s in p.stop_strings), default=1) - 1 if finish is None else 0
+        upto = max(req._emitted, len(req.text) - hold)
+        text, req._emitted = req.text[req._emitted:upto], upto
+        delta = Delta(text, [token], [logprob] if p.logprobs else None, [top] if p.top_logprobs else None)
+        if finish is not None:
+            self._finish(req, finish)
+            delta.finish_reason = finish
+        return delta
+
+    def _flush_text(self, req: Request):
+        """At the end, bytes the stream still holds (an unfinished UTF-8 character) are decoded as the tokenizer
+        would decode the whole output, so the streamed text equals tokenizer.decode(output ids)."""
+        if self.tokenizer is None:
+            return
+        ids = req.output_ids[:-1] if isinstance(req.stop_reason, int) else req.output_ids
+        full = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        if full.startswith(req.text):
+            req.text = full
+
+    def _dispatch(self, out):
+        for req, delta in out:
+            req._events.put(delta)
+            if req._on_event is not None:
+                try:
+                    req._on_event(delta)
+                except Exception:
+                    log.exception("on_event callback of %s failed; cancelling it", req.id)
+                    req.cancel()
+            if delta.finish_reason is not None:
+                req._done.set()
