@@ -74,3 +74,36 @@ def test_run_gen_scores_known_replies(chat, data_dir, apertus_tokenizer_json):
                            tokenizer=tok, limit=5, root=data_dir)
     assert all(r["exact_match"] == 0.0 for r in results.values())
     assert samples["mgsm_ja"][0]["correct"] is True
+
+
+def test_generation_through_the_engine_is_greedy_transformers(tmp_path, data_dir):
+    """`apertus eval MODEL --tasks gsm8k,mgsm_de`: the replies are transformers' greedy continuations of the
+    few-shot prompts, cut at the stop strings; results.json, results.md and samples.jsonl are written."""
+    import dataclasses
+    import json
+
+    import torch
+    import transformers
+
+    from apertus import build_model, preset
+    from apertus.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=2048, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    build_model(cfg, seed=0).save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tok.inner.to_str()})
+    report = suite.evaluate(tmp_path / "m", ["gsm8k", "mgsm_de"], limit=2, num_fewshot=2, max_tokens=24,
+                            out=tmp_path / "out", progress=False, device="cpu")
+    assert report["config"]["chat"] is False and set(report["tasks"]) == {"gsm8k", "mgsm_de"}
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    shots = G.fewshot(2, data_dir)
+    for s in samples:
+        ids = tok.encode(G.base_prompt(s["question"], shots), bos=True)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_id)
+        text = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        for stop in G.BASE_STOP:
+            text = text.split(stop)[0]
+        assert s["reply"] == text

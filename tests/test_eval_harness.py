@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import transformers
 
 from apertus.eval import suite
 from apertus.eval import tasks as T
@@ -40,6 +42,22 @@ doc_to_target: "{{{{text}}}}"
 metric_list:
   - metric: bits_per_byte
 """
+GSM8K_YAML = """task: gsm8k_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["Question:", "\\n\\n"]
+  do_sample: false
+  max_gen_toks: 20
+metric_list:
+  - metric: exact_match
+"""
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +75,16 @@ def small_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory, data_dir):
-    """Two custom tasks: XCOPA-it as the harness prompts it, and bits-per-byte on FLORES German sentences."""
+    """Three custom tasks: XCOPA-it as the harness prompts it, bits-per-byte on FLORES German sentences and a
+    generative GSM8K."""
     d = tmp_path_factory.mktemp("lm_eval_tasks")
     rows = T._read_jsonl(data_dir / "xcopa" / "it" / "test.it.jsonl")[:16]
     (d / "xcopa_it.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     texts = T.flores_texts("deu_Latn", root=data_dir)[:12]
     (d / "flores.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    rows = T._read_jsonl(data_dir / "gsm8k" / "test.jsonl")[:3]
+    (d / "gsm8k.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (d / "gsm8k_local.yaml").write_text(GSM8K_YAML.format(data=d / "gsm8k.jsonl"))
     (d / "xcopa_it_local.yaml").write_text(XCOPA_YAML.format(data=d / "xcopa_it.jsonl"))
     (d / "flores_deu_local.yaml").write_text(FLORES_YAML.format(data=d / "flores.jsonl"))
     return d
@@ -75,7 +97,7 @@ def test_lm_eval_scores_equal_ours(small_checkpoint, task_dir, data_dir):
     import apertus.eval.harness  # noqa: F401  (registers the model)
 
     out = lm_eval.simple_evaluate(model="apertus", model_args=f"pretrained={small_checkpoint},device=cpu",
-                                  tasks=["xcopa_it_local", "flores_deu_local"], log_samples=True,
+                                  tasks=["xcopa_it_local", "flores_deu_local", "gsm8k_local"], log_samples=True,
                                   task_manager=TaskManager(include_path=str(task_dir)))
     scorer = Scorer.from_pretrained(small_checkpoint, device="cpu", progress=False)
     # multiple choice: lm-eval built the requests from the YAML template; the same documents through our suite
@@ -92,6 +114,17 @@ def test_lm_eval_scores_equal_ours(small_checkpoint, task_dir, data_dir):
     texts = T.flores_texts("deu_Latn", root=data_dir)[:12]
     bpb = suite.bpb_metrics(texts, scorer.rolling_nll(texts), 2048)["bpb"]
     assert out["results"]["flores_deu_local"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-6)
+    # generate_until (through the engine): transformers' greedy continuation, cut at the `until` strings
+    ref = transformers.AutoModelForCausalLM.from_pretrained(small_checkpoint).eval()
+    gsm = sorted(out["samples"]["gsm8k_local"], key=lambda s: s["doc_id"])
+    assert len(gsm) == 3 and all(s["resps"][0][0] for s in gsm)
+    for s in gsm:
+        ids = scorer.tokenizer.encode(f"Question: {s['doc']['question']}\nAnswer:", bos=True)
+        with torch.no_grad():
+            gen = ref.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                               eos_token_id=scorer.eos_id)[0, len(ids):]
+        text = scorer.tokenizer.decode(gen.tolist(), skip_special_tokens=True).split("Question:")[0].split("\n\n")[0]
+        assert s["resps"][0][0] == text
 
 
 @pytest.mark.slow

@@ -73,3 +73,54 @@ def test_probe_prompts_and_bad_probe_files(tmp_path, apertus_tokenizer_json, dat
         M.load_probes(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="probes.jsonl"):
         M.load_probes(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_audit_command_finds_a_memorized_probe(tmp_path, data_dir):
+    """A tiny model trained to recite one probe: `apertus eval memorization` (engine, greedy + nucleus) reports it
+    extracted verbatim and the controls not; the greedy continuations are transformers' greedy ones."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from apertus import build_model, preset
+    from apertus.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()
+    probes = [{"id": f"p{i}", "text": text[i * 400:(i + 1) * 400], "exposure": e}
+              for i, e in enumerate([64, 0, 0, 0, 0, 4])]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=2048, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = build_model(cfg, seed=0)
+    ids = torch.tensor([tok.encode(probes[0]["text"], bos=True)[:48]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tok.inner.to_str()})
+    out = tmp_path / "audit"
+    cmd = [sys.executable, "-m", "apertus.cli", "eval", "memorization", str(tmp_path / "m"), "--probes",
+           str(tmp_path / "probes.jsonl"), "--prefix", "16", "--suffix", "24", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "memorization.json").read_text())
+    greedy = result["table"]["greedy"]
+    assert greedy["64"]["exact"] == 1.0 and greedy["64"]["rouge_l"] == 1.0
+    assert greedy["0"]["n"] == 4 and greedy["0"]["exact"] == 0.0 and greedy["0"]["rouge_l"] < 0.5
+    assert "nucleus" in result["table"] and "| control | 4 |" in proc.stdout
+    assert (out / "memorization.png").read_bytes()[:4] == b"\x89PNG"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ref.generation_config.eos_token_id = None  # the audit reads on past an end of document, as ignore_eos does
+    for q, rec in zip(probes, result["records"], strict=True):
+        prompt = tok.encode(q["text"], bos=True)[:17]
+        truth = tok.encode(q["text"], bos=False)[16:40]
+        with torch.no_grad():
+            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        assert rec["greedy"] == M.compare(gen[0, 17:].tolist(), truth)

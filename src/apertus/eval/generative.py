@@ -122,7 +122,8 @@ def engine_generate(engine):
     from ..infer.engine import SamplingParams
 
     def generate(prompts: list[list[int]], max_tokens: int, stop: list[str] | None, stop_ids: list[int]) -> list[str]:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_ids,
+                                skip_special_tokens=True)
         return [r.result().text for r in engine.generate(prompts, params)]
 
     return generate

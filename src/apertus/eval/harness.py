@@ -77,7 +77,7 @@ class ApertusLM(LM):
             params.append(SamplingParams(
                 temperature=0.0 if greedy else float(kw["temperature"]),
                 top_p=None if greedy else float(kw.get("top_p", 1.0)), max_tokens=max_tokens,
-                stop=[s for s in until if s], stop_token_ids=[self.scorer.eos_id],
+                stop=[s for s in until if s], stop_token_ids=[self.scorer.eos_id], skip_special_tokens=True,
                 seed=int(kw["seed"]) if "seed" in kw else None))
             ids = self.scorer.encode([context])[0]
             ids = ids if ids[:1] == [self.scorer.bos_id] else [self.scorer.bos_id] + ids
