@@ -81,7 +81,7 @@ class ApertusLM(LM):
                 seed=int(kw["seed"]) if "seed" in kw else None))
             ids = self.scorer.encode([context])[0]
             ids = ids if ids[:1] == [self.scorer.bos_id] else [self.scorer.bos_id] + ids
-            prompts.append(ids[-(self.scorer.max_len - max_tokens):])
+            prompts.append(ids[-max(1, self.scorer.max_len - max_tokens):])  # keep the end of a long prompt
         return [req.result().text for req in self.engine.generate(prompts, params)]
 
     # --- chat --------------------------------------------------------------------------------------------------------
