@@ -1,7 +1,7 @@
 """The Goldfish experiment: two tiny pretraining runs, identical except Goldfish on (k = h = 50, as Apertus) or off,
 on the embedded corpus with memorization probes inserted, then the memorization audit of both.
 
-    python runs/memorization_goldfish.py [--out runs/memorization] [--steps 300] [--udhr-docs 150]
+    python runs/memorization_goldfish.py [--out runs/memorization] [--steps 300] [--host-docs 1000]
 
 Steps (each skipped when its output exists, so a stopped run resumes):
   1. an 8k byte-level BPE tokenizer trained on UDHR (apertus tokenizer train; FLORES stays unseen)
@@ -34,10 +34,10 @@ def apertus(*args):
     subprocess.run(cmd, check=True)
 
 
-def data_recipe(tokenizer: Path, udhr_docs: int, chars: int, per_exposure: int) -> str:
+def data_recipe(tokenizer: Path, host_docs: int, chars: int, per_exposure: int) -> str:
     data = data_root()
     return textwrap.dedent(f"""\
-        # written by runs/memorization_goldfish.py: UDHR with Shakespeare probes inserted
+        # written by runs/memorization_goldfish.py: GSM8K problems with Shakespeare probes inserted
         name = "goldfish-probes"
 
         [dataset]
@@ -54,15 +54,17 @@ def data_recipe(tokenizer: Path, udhr_docs: int, chars: int, per_exposure: int) 
         workers = 1
 
         [[sources]]
-        name = "udhr"
-        reader = "udhr"
-        path = "{data}/udhr"
-        limit = {udhr_docs}
-        kind = "web"
+        name = "gsm8k"
+        reader = "jsonl"
+        path = "{data}/gsm8k/train.jsonl"
+        template = "{{question}}\\n\\n{{answer}}"
+        language = "eng_Latn"
+        limit = {host_docs}
+        kind = "math"
 
         [probes]
         text = "{data}/tinyshakespeare/input.txt"
-        into = "udhr"
+        into = "gsm8k"
         exposures = [1, 4, 16, 64]
         per_exposure = {per_exposure}
         controls = {2 * per_exposure}
@@ -70,7 +72,7 @@ def data_recipe(tokenizer: Path, udhr_docs: int, chars: int, per_exposure: int) 
 
         [[stages]]
         name = "main"
-        sources = {{ udhr = 1.0 }}
+        sources = {{ gsm8k = 1.0 }}
         """)
 
 
@@ -78,7 +80,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/memorization")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
-    ap.add_argument("--udhr-docs", type=int, default=150, help="UDHR translations in the corpus")
+    ap.add_argument("--host-docs", type=int, default=1000, help="GSM8K problems that carry the probes")
     ap.add_argument("--chars", type=int, default=400, help="characters per probe passage")
     ap.add_argument("--per-exposure", type=int, default=8, help="probes per exposure count (controls: twice that)")
     ap.add_argument("--prefix", type=int, default=50, help="prompt tokens (>= Goldfish h: the suffix is hashed on "
@@ -94,7 +96,7 @@ def main():
         apertus("tokenizer", "train", "--corpus", "udhr", "--vocab-size", 8192, "--out", tok)
     data = out / "data"
     if not (data / "manifest.json").exists():
-        (out / "data.toml").write_text(data_recipe(tok / "tokenizer.json", args.udhr_docs, args.chars,
+        (out / "data.toml").write_text(data_recipe(tok / "tokenizer.json", args.host_docs, args.chars,
                                                   args.per_exposure))
         apertus("data", "build", out / "data.toml", "--out", data)
     manifest = json.loads((data / "manifest.json").read_text())
@@ -120,7 +122,7 @@ def main():
 
     lines = [f"# Goldfish on/off: extraction of inserted probes ({args.steps} steps of the tiny preset, "
              f"prefix {args.prefix} / suffix {args.suffix} tokens)", "",
-             f"Dataset: {args.udhr_docs} UDHR translations + Shakespeare probes; training tokens per run: "
+             f"Dataset: {args.host_docs} GSM8K problems + Shakespeare probes; training tokens per run: "
              f"{train_tokens or 'see the train logs'}.", ""]
     for name, r in runs.items():
         lines += [M.markdown_table(r["audit"]["table"], name), "",
