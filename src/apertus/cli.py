@@ -132,6 +132,9 @@ def cmd_data_build(args) -> int:
     shards = manifest["shards"]
     print(f"{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
           f"{time.time() - t:.1f}s; manifest: {out}/manifest.json")
+    from .compliance.manifest import record_data_build
+
+    record_data_build(out, wall_time=time.time() - t)
     return 0
 
 
@@ -176,11 +179,27 @@ def _add_train_commands(sub) -> None:
 # === inference: generate, chat (issue 6) =============================================================================
 
 
+def _pii_filter_factory(args):
+    """The PII output filter of issue 10 (off by default): a factory of one streaming filter per reply."""
+    if not (args.pii_filter or args.pii_hash_list):
+        return None
+    from .compliance.output_filter import PIIFilter, load_hash_list
+
+    hash_list = load_hash_list(args.pii_hash_list) if args.pii_hash_list else None
+    return lambda: PIIFilter(hash_list=hash_list)
+
+
+def _add_pii_arguments(s) -> None:
+    s.add_argument("--pii-filter", action="store_true", help="redact e-mails, IBANs, cards, IPs, phones in the output")
+    s.add_argument("--pii-hash-list", help="also redact the removal requests of this salted hash list (implies "
+                   "--pii-filter)")
+
+
 def _engine_from_args(args):
     from .infer import Engine
 
     return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, cache_gb=args.cache_gb,
-                  quantize=args.quantize)
+                  quantize=args.quantize, output_filter=_pii_filter_factory(args))
 
 
 def _sampling_from_args(args, **extra):
@@ -229,6 +248,7 @@ def _add_sampling_args(s, max_tokens: int) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
     s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)")
+    _add_pii_arguments(s)
 
 
 def _add_infer_commands(sub) -> None:
@@ -248,8 +268,36 @@ def _add_infer_commands(sub) -> None:
 # === server (issue 7) ================================================================================================
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .infer.server import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("APERTUS_API_KEY"),
+          model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=_pii_filter_factory(args),
+          log_level=args.log_level, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+          cache_gb=args.cache_gb, max_batch=args.max_batch, max_queue=args.max_queue, quantize=args.quantize)
+    return 0
+
+
 def _add_serve_commands(sub) -> None:
-    pass
+    s = sub.add_parser("serve", help="OpenAI-compatible server and web chat (http://127.0.0.1:8000/)")
+    s.add_argument("model", help="checkpoint directory (or a preset name, random weights)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $APERTUS_API_KEY)")
+    s.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
+    s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the checkpoint's (bf16 on GPU)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
+    s.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 503")
+    s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (MiB); larger: 413")
+    s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU)")
+    _add_pii_arguments(s)
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
 
 # === post-training: sft, align (issue 8) =============================================================================
@@ -346,8 +394,133 @@ def _add_eval_commands(sub) -> None:
 # === compliance: run manifests, cards, opt-out (issue 10) ============================================================
 
 
+def cmd_verify(args) -> int:
+    from .compliance.manifest import verify
+
+    result = verify(args.run_dir)
+    for p in result["problems"]:
+        print(f"MISMATCH {p['path']}: {p['problem']}")
+    n = len(result["problems"])
+    print(f"{args.run_dir}: {result['checked']} files checked, " + (f"{n} problem(s)" if n else "all hashes match"))
+    return 1 if n else 0
+
+
+def cmd_manifest(args) -> int:
+    from .compliance.manifest import record
+
+    m = record(args.run_dir, args.kind)
+    print(f"wrote {args.run_dir}/run.json ({m['kind']}: {len(m['artifacts'])} artifacts hashed, "
+          f"tokens {m['tokens']}, energy estimate {m['energy']['kwh'] if m['energy'] else '-'} kWh)")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .compliance.cards import write_cards
+
+    files = write_cards(args.run_dir, args.out, model_name=args.name, provider=args.provider, license_=args.license)
+    for path in files.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_optout_apply(args) -> int:
+    from .compliance.optout import apply_optout, read_list
+
+    rep = apply_optout(args.dataset, robots=args.robots, urls=read_list(args.urls), domains=read_list(args.domains),
+                       text_hashes=read_list(args.text_hashes), dry_run=args.dry_run)
+    r = rep["removed"]
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {r['docs']:,} document(s), {r['tokens']:,} tokens; reasons {rep['by_reason']}; shards rebuilt "
+          f"{len(rep['shards_rebuilt'])}, untouched {rep['shards_untouched']}")
+    for key, vals in rep["unmatched_requests"].items():
+        if vals:
+            print(f"  {len(vals)} of the {key} matched no document (not in this dataset)")
+    if not args.dry_run:
+        print(f"report: {args.dataset}/optout/removal-{rep['time']}.json")
+    return 0
+
+
+def cmd_optout_check(args) -> int:
+    import json
+
+    from .compliance.optout import check
+
+    res = check(args.dataset, args.query)
+    if args.json:
+        print(json.dumps(res, indent=1, ensure_ascii=False))
+        return 0 if res["found"] else 1
+    if not res["found"]:
+        print(f"not in {args.dataset} ({res['kind']})")
+    for d in res["documents"]:
+        where = f"stages {', '.join(d['stages'])}" if d["stages"] else "held out (validation split, not trained on)"
+        print(f"FOUND {d['match']}: document {d['id']} ({d['source']}, {d['language']}, {d['split']}) in "
+              f"{d['shard']} at token {d['offset']:,}; {where}")
+    if res["n_documents"] > len(res["documents"]):
+        print(f"... {res['n_documents'] - len(res['documents'])} more")
+    for r in res["removed_before"]:
+        print(f"REMOVED earlier: document {r['id']} ({', '.join(r['reasons'])}), report {r['report']}")
+    return 0 if res["found"] else 1
+
+
+def cmd_redact(args) -> int:
+    from .compliance.output_filter import PIIFilter, write_hash_list
+
+    if args.make_hash_list:
+        if not args.out:
+            raise ValueError("--make-hash-list needs --out FILE")
+        hl = write_hash_list(args.make_hash_list, args.out)
+        print(f"wrote {args.out}: {len(hl['hashes'])} salted hashes (up to {hl['max_words']} words)")
+        return 0
+    filt = PIIFilter(args.kinds, args.hash_list)
+    while chunk := sys.stdin.read(args.chunk) if args.chunk else sys.stdin.readline():
+        sys.stdout.write(filt.feed(chunk))
+        sys.stdout.flush()
+    sys.stdout.write(filt.flush())
+    print(f"[redacted: {filt.counts}]", file=sys.stderr)
+    return 0
+
+
 def _add_compliance_commands(sub) -> None:
-    pass
+    s = sub.add_parser("verify", help="re-hash every artifact of a run (shards, index, checkpoints) against run.json")
+    s.add_argument("run_dir", help="a run folder with run.json, or a built dataset")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("manifest", help="write run.json for a finished data build or training run")
+    s.add_argument("run_dir")
+    s.add_argument("--kind", help="pretrain, sft, align (training runs; default pretrain)")
+    s.set_defaults(func=cmd_manifest)
+
+    s = sub.add_parser("card", help="model card, data card and EU AI Act public summary from the run manifests")
+    s.add_argument("run_dir", help="a run folder (its run.json and those one or two folders down are read)")
+    s.add_argument("--out", help="output folder (default RUN_DIR/card)")
+    s.add_argument("--name", help="model name (default apertus-<folder name>)")
+    s.add_argument("--provider", help="provider name and contact for the public summary")
+    s.add_argument("--license", default="Apache-2.0")
+    s.set_defaults(func=cmd_card)
+
+    o = sub.add_parser("optout", help="retrospective removal from a built dataset; was X in the training data?")
+    osub = o.add_subparsers(dest="optout_command", required=True)
+    s = osub.add_parser("apply", help="remove opted-out or requested documents, rebuilding only the affected shards")
+    s.add_argument("dataset")
+    s.add_argument("--robots", help="robots.txt snapshots: folder of <host>.txt or JSONL {domain, robots_txt}")
+    s.add_argument("--urls", help="file of URLs to remove, one per line")
+    s.add_argument("--domains", help="file of domains to remove (subdomains included), one per line")
+    s.add_argument("--text-hashes", help="file of sha256 hex digests of document texts, one per line")
+    s.add_argument("--dry-run", action="store_true", help="report what would be removed; change nothing")
+    s.set_defaults(func=cmd_optout_apply)
+    s = osub.add_parser("check", help="whether and where a URL, text sha256 or text is in the dataset (exit 1: no)")
+    s.add_argument("dataset")
+    s.add_argument("query", help="a URL, a sha256 of a document's text, or a text (also found inside documents)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_optout_check)
+
+    s = sub.add_parser("redact", help="PII output filter: stdin -> stdout, streaming; or make a hashed removal list")
+    s.add_argument("--hash-list", help="salted hash list of removal requests (JSON)")
+    s.add_argument("--kinds", nargs="+", help="subset of: email iban card ip phone (default all)")
+    s.add_argument("--chunk", type=int, default=0, help="read this many characters at a time (default: lines)")
+    s.add_argument("--make-hash-list", metavar="REQUESTS", help="text file, one request per line -> --out JSON")
+    s.add_argument("--out")
+    s.set_defaults(func=cmd_redact)
 
 
 # === speedrun and report (issue 11) ==================================================================================

@@ -150,7 +150,7 @@ def _text(doc) -> bytes:
 def _sources(r: dict, funnel: Funnel) -> list:
     readers = []
     for s in r["sources"]:
-        opts = {k: v for k, v in s.items() if k not in ("name", "reader", "path")}
+        opts = {k: v for k, v in s.items() if k not in ("name", "reader", "path", "license")}
         try:
             readers.append(READERS[s["reader"]](s["name"], s["path"], funnel, **opts))
         except TypeError as e:

@@ -77,6 +77,9 @@ class Request:
         self._emitted = 0  # characters of text already streamed
         self._decoder = None
         self._prompt_seen = self._out_counts = None
+        # PII output filter (apertus.compliance.output_filter), one per request: redacts what is streamed and text
+        self._filter = engine.output_filter() if engine.output_filter is not None else None
+        self._shown = ""
 
     @property
     def finished(self) -> bool:
@@ -144,11 +147,12 @@ class Engine:
 
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
     quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
+    output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request; off by default.
     """
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
                  cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 2048, max_queue: int = 1024,
-                 page_size: int = 16, quantize: str | None = None):
+                 page_size: int = 16, quantize: str | None = None, output_filter=None):
         from ..checkpoint import load_model, parse_dtype
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -169,6 +173,7 @@ class Engine:
                 raise ValueError(f"engine: quantize={quantize!r} is not supported (int8 on CPU only)")
             quantize_int8(model)
         self.model, self.config, self.device = model.eval(), model.config, device
+        self.output_filter = output_filter  # () -> object with feed(text) / flush(), e.g. compliance.PIIFilter
         self.tokenizer = _load_tokenizer(tokenizer, model_dir)
         gen = {}
         if model_dir is not None and (model_dir / "generation_config.json").exists():
@@ -492,6 +497,11 @@ class Engine:
 
     def _dispatch(self, out):
         for req, delta in out:
+            if req._filter is not None:  # streamed pieces and the final text are the redacted ones
+                delta.text = req._filter.feed(delta.text) + (req._filter.flush() if delta.finish_reason else "")
+                req._shown += delta.text
+                if delta.finish_reason is not None:
+                    req.text = req._shown
             req._events.put(delta)
             if req._on_event is not None:
                 try:
