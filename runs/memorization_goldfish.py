@@ -1,17 +1,18 @@
 """The Goldfish experiment: two tiny pretraining runs, identical except Goldfish on (k = h = 50, as Apertus) or off,
-on the embedded corpus with memorization probes inserted, then the memorization audit of both.
+on embedded data with memorization probes inserted, then the memorization audit of both.
 
     python runs/memorization_goldfish.py [--out runs/memorization] [--steps 300] [--host-docs 1000]
 
 Steps (each skipped when its output exists, so a stopped run resumes):
-  1. an 8k byte-level BPE tokenizer trained on UDHR (apertus tokenizer train; FLORES stays unseen)
-  2. a dataset: UDHR translations with Shakespeare passages inserted 1, 4, 16 and 64 times each, plus never-seen
-     controls from the same text (apertus data build; the probes and their counts land in probes.jsonl)
-  3. two pretraining runs of the tiny preset, same seed and data order, --set train.goldfish_k=50 or 0
-     (apertus train, then apertus export to a Hugging Face checkpoint)
+  1. an 8k byte-level BPE tokenizer trained on UDHR (apertus tokenizer train)
+  2. a dataset: GSM8K problems (English text a CPU-sized model learns in minutes) with 400-character Shakespeare
+     passages inserted 1, 4, 16 and 64 times each, plus never-inserted controls from the same play text
+     (apertus data build; the probes and their counts land in probes.jsonl)
+  3. two pretraining runs of the tiny recipe scaled to a 2-layer model, same seed and data order,
+     --set train.goldfish_k=50 or 0 (apertus train, then apertus export to a Hugging Face checkpoint)
   4. for each: the memorization audit (apertus eval memorization: greedy and nucleus continuations of probe
-     prefixes against the true text) and FLORES bits-per-byte (does Goldfish cost quality?)
-  5. report.md: the table of extraction by exposure count for both runs, memorization.png
+     prefixes against the true text) and bits per byte on held-out FLORES English (what Goldfish costs)
+  5. report.md: the table of extraction by exposure count for both runs; memorization.png, memorization_exact.png
 """
 
 import argparse
@@ -82,10 +83,11 @@ def main():
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
     ap.add_argument("--host-docs", type=int, default=1000, help="GSM8K problems that carry the probes")
     ap.add_argument("--chars", type=int, default=400, help="characters per probe passage")
-    ap.add_argument("--per-exposure", type=int, default=8, help="probes per exposure count (controls: twice that)")
+    ap.add_argument("--per-exposure", type=int, default=4, help="probes per exposure count (controls: twice that)")
     ap.add_argument("--prefix", type=int, default=50, help="prompt tokens (>= Goldfish h: the suffix is hashed on "
                     "the probe's own tokens)")
     ap.add_argument("--suffix", type=int, default=64)
+    ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
     ap.add_argument("--set", action="append", default=[], help="extra training overrides (SECTION.KEY=VALUE)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -99,38 +101,59 @@ def main():
         (out / "data.toml").write_text(data_recipe(tok / "tokenizer.json", args.host_docs, args.chars,
                                                   args.per_exposure))
         apertus("data", "build", out / "data.toml", "--out", data)
-    manifest = json.loads((data / "manifest.json").read_text())
-    train_tokens = sum(s["tokens"] for s in manifest.get("stages", []) if s.get("tokens")) or None
+    epoch_tokens = _count_tokens(data)
+    epochs = args.steps * args.batch_tokens / epoch_tokens  # each probe copy is seen once per epoch
 
     runs = {}
     for name, k in (("goldfish-off", 0), ("goldfish-on", 50)):
         run, hf = out / name, out / f"{name}-hf"
         if not (hf / "config.json").exists():
-            sets = [f"data.dataset={data}", f"train.steps={args.steps}", f"train.goldfish_k={k}", *args.set]
+            sets = [f"data.dataset={data}", f"train.goldfish_k={k}", *training_overrides(args), *args.set]
             apertus("train", ROOT / "recipes" / "tiny.toml", "--out", run, *sum((["--set", s] for s in sets), []))
             apertus("export", run, "--out", hf, "--dtype", "fp32")
         audit = out / f"{name}-audit"
         if not (audit / "memorization.json").exists():
             apertus("eval", "memorization", hf, "--probes", data, "--prefix", args.prefix, "--suffix", args.suffix,
                     "--out", audit)
-        bpb = out / f"{name}-eval"
-        if not (bpb / "results.json").exists():
-            apertus("eval", hf, "--tasks", "flores_bpb", "--langs", "eng_Latn,deu_Latn,fra_Latn,ita_Latn,rus_Cyrl,"
-                    "zho_Hans,arb_Arab,hin_Deva,swh_Latn,ell_Grek", "--out", bpb)
+        held_out = out / f"{name}-eval"
+        if not (held_out / "results.json").exists():  # never trained on
+            apertus("eval", hf, "--tasks", "flores_bpb_eng_Latn", "--out", held_out)
         runs[name] = {"audit": json.loads((audit / "memorization.json").read_text()),
-                      "bpb": json.loads((bpb / "results.json").read_text())["groups"]["flores_bpb"]}
+                      "bpb": json.loads((held_out / "results.json").read_text())["tasks"]["flores_bpb_eng_Latn"]}
 
-    lines = [f"# Goldfish on/off: extraction of inserted probes ({args.steps} steps of the tiny preset, "
-             f"prefix {args.prefix} / suffix {args.suffix} tokens)", "",
-             f"Dataset: {args.host_docs} GSM8K problems + Shakespeare probes; training tokens per run: "
-             f"{train_tokens or 'see the train logs'}.", ""]
+    lines = [f"# Goldfish on/off: extraction of inserted probes (prefix {args.prefix} / suffix {args.suffix} "
+             "tokens)", "",
+             f"Two runs of the tiny recipe ({args.steps} steps of {args.batch_tokens} tokens, {MODEL}), identical but "
+             f"for Goldfish (k = h = 50 vs off), on {args.host_docs} GSM8K problems with Shakespeare probes inserted; "
+             f"{epochs:.1f} epochs, so a probe inserted e times was seen about {epochs:.1f}·e times.", ""]
     for name, r in runs.items():
         lines += [M.markdown_table(r["audit"]["table"], name), "",
-                  f"FLORES bits per byte (10 languages): {r['bpb']['bpb']:.4f} ± {r['bpb']['bpb_stderr']:.4f}", ""]
+                  f"FLORES English bits per byte: {r['bpb']['bpb']:.4f} ± {r['bpb']['bpb_stderr']:.4f}", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    M.plot({name: r["audit"]["table"] for name, r in runs.items()}, out / "memorization.png")
-    M.plot({name: r["audit"]["table"] for name, r in runs.items()}, out / "memorization_exact.png", metric="exact")
+    tables = {name: r["audit"]["table"] for name, r in runs.items()}
+    M.plot(tables, out / "memorization.png")
+    M.plot(tables, out / "memorization_exact.png", metric="exact")
     print("\n".join(lines))
+
+
+MODEL = "2 layers, hidden 128, 8k vocabulary"
+
+
+def training_overrides(args) -> list[str]:
+    """The tiny recipe scaled to a CPU budget: a 2-layer model, 256-token rows, 8k-token batches."""
+    return [f"train.steps={args.steps}", f"train.global_batch_tokens={args.batch_tokens}", "train.seq_len=256",
+            "train.micro_batch=8", "train.log_every=10", "checkpoint.every=100", "eval.every=0",
+            f"schedule.warmup_tokens={args.steps // 10 * args.batch_tokens}",
+            f"schedule.cooldown_tokens={args.steps // 5 * args.batch_tokens}",
+            f"optim.t_alpha={args.steps}", f"optim.t_beta3={args.steps}",
+            "model.hidden_size=128", "model.num_hidden_layers=2", "model.intermediate_size=512",
+            "model.num_attention_heads=2", "model.num_key_value_heads=1"]
+
+
+def _count_tokens(data: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.read_table(data / "documents.parquet", columns=["n_tokens"])["n_tokens"].to_numpy().sum())
 
 
 if __name__ == "__main__":
