@@ -605,8 +605,34 @@ def _add_compliance_commands(sub) -> None:
 # === speedrun and report (issue 11) ==================================================================================
 
 
+def cmd_speedrun(args) -> int:
+    from .speedrun import speedrun
+
+    speedrun(args.out, smoke=args.smoke, tokenizer=args.tokenizer, stages=_csv(args.stages))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .speedrun_report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 def _add_speedrun_commands(sub) -> None:
-    pass
+    s = sub.add_parser("speedrun", help="the whole pipeline on the embedded corpus (data, tokenizer, pretraining, "
+                       "SFT, QRPO, eval, export, cards, chat) and report.md; resumes")
+    s.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); a rerun resumes")
+    s.add_argument("--smoke", action="store_true", help="a few steps per stage (CI; about two minutes)")
+    s.add_argument("--tokenizer", choices=["train", "apertus"], default="train",
+                   help="train a small BPE on the corpus (default) or use the released Apertus tokenizer (slower)")
+    s.add_argument("--stages", help="comma-separated stages to (re)run: tokenizer, data, pretrain, sft, align, "
+                   "eval, export, cards, chat (default: every stage not done yet)")
+    s.set_defaults(func=cmd_speedrun)
+
+    s = sub.add_parser("report", help="(re)write report.md of a speedrun directory")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,315 @@
+"""The speedrun: the whole Apertus pipeline on the embedded corpus in one command, then a report.
+
+    apertus speedrun --out runs/demo                 # ~10 minutes on 2 CPU cores
+    apertus speedrun --smoke --out /tmp/smoke        # every stage, a few steps each (CI)
+    apertus speedrun --out runs/demo --stages sft,eval   # rerun some stages (later ones read their outputs)
+    apertus report runs/demo                         # regenerate runs/demo/report.md
+
+A thin script over the stages' own entry points (nothing here trains, filters or evaluates by itself):
+
+    tokenizer  BPE trained on the corpus the data recipe reads (or the released Apertus tokenizer); fertility on
+               held-out FLORES test sentences, against the Apertus tokenizer
+    data       recipes/data_tiny.toml with that tokenizer: langid, quality, PII, toxicity, dedup, shards (the funnel)
+    pretrain   recipes/speedrun.toml: AdEMAMix, WSD, Goldfish, a multilingual stage then a code/math stage
+    sft        recipes/sft_tiny.toml: GSM8K in the Apertus chat format
+    align      recipes/align_tiny.toml: QRPO with rule-based rewards on engine rollouts
+    eval       bits per byte by language, multiple choice (XCOPA, PIQA) of the base model; GSM8K of the aligned one
+    export     Hugging Face checkpoint + GGUF (llama.cpp)
+    cards      model card, data card, EU public summary from the run manifests
+    chat       a few conversations through the inference engine
+
+Each stage writes under OUT/<stage>/ and, when complete, OUT/<stage>/DONE (atomically). A rerun skips finished
+stages and resumes an interrupted one (the data build and the trainers resume from their own checkpoints).
+OUT/speedrun.json records the seconds and tokens of each stage; report.md is written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from itertools import zip_longest
+from pathlib import Path
+
+from .config import data_root
+
+STAGES = ("tokenizer", "data", "pretrain", "sft", "align", "eval", "export", "cards", "chat")
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+SYSTEM = "Solve the problem."
+CHATS = [
+    [{"role": "system", "content": SYSTEM},
+     {"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+      "clips in May. How many clips did Natalia sell altogether in April and May?"}],
+    [{"role": "system", "content": SYSTEM},
+     {"role": "user", "content": "A baker makes 12 loaves of bread each hour. How many loaves does he make in 5 "
+      "hours?"}],
+    [{"role": "user", "content": "Was ist die Hauptstadt der Schweiz?"}],
+]
+FERTILITY_LANGS = ("eng_Latn", "deu_Latn", "fra_Latn", "ita_Latn", "roh_Latn", "spa_Latn", "rus_Cyrl", "arb_Arab",
+                   "hin_Deva", "zho_Hans", "jpn_Jpan", "swh_Latn", "yor_Latn", "tam_Taml")
+
+# Sizes of the two modes. The full run is ~10 minutes on 2 idle cores; smoke runs every stage in ~2 minutes.
+FULL = {
+    "vocab_size": 8192, "tokenizer_mb": 12.0,
+    "data": {},
+    "pretrain": [],
+    "sft": [],
+    "align": ["reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, \"apertus.speedrun:mentions_number\" = 0.1}"],
+    "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "xcopa_sw", "xcopa_zh", "piqa"], "langs": list(FERTILITY_LANGS),
+                  "limit": 100},
+    "eval_chat": {"tasks": ["gsm8k"], "limit": 16, "max_tokens": 160},
+    "chat_tokens": 160,
+}
+_GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
+SMOKE = {
+    "vocab_size": 2048, "tokenizer_mb": 1.0,
+    "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2},
+    "pretrain": ["stages.0.steps=4", "stages.1.steps=2", "train.seq_len=128", "train.global_batch_tokens=1024",
+                 "train.micro_batch=8", "train.compile=false", "schedule.warmup_tokens=1024",
+                 "schedule.cooldown_tokens=2048", "optim.t_alpha=6", "optim.t_beta3=6", "eval.every=3",
+                 "eval.batches=1", "checkpoint.every=3", "train.log_every=1"],
+    "sft": [f"data.sources=[{_GSM % ('train', 0, 16)}]", f"data.val_sources=[{_GSM % ('test', 1000, 4)}]",
+            "train.batch_size=4", "train.micro_batch=4", "train.log_every=1"],
+    "align": [f"data.prompts=[{_GSM % ('train', 600, 6)}]", f"data.eval_prompts=[{_GSM % ('test', 0, 2)}]",
+              "sampling.n=6", "sampling.max_tokens=16", "sampling.eval_n=1", "train.epochs=1", "train.batch_size=2",
+              "train.micro_batch=2", "train.log_every=1",
+              "reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, \"apertus.speedrun:mentions_number\" = 0.1}"],
+    "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "piqa"], "langs": ["eng_Latn", "deu_Latn"], "limit": 4},
+    "eval_chat": {"tasks": ["gsm8k"], "limit": 2, "max_tokens": 16},
+    "chat_tokens": 16,
+}
+
+
+def mentions_number(messages, completion: str, meta: dict) -> float:
+    """Rule-based shaping reward: the reply states a number at all (a tiny model rarely gets the answer right, so
+    without it most prompts give QRPO no signal)."""
+    return float(any(ch.isdigit() for ch in completion))
+
+
+# --- bookkeeping -------------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _cli(argv: list[str]) -> None:
+    """Run one `apertus ...` command in this process, as a user would type it."""
+    from . import cli
+
+    print("$ apertus " + " ".join(argv), flush=True)
+    code = cli.main(argv)
+    if code != 0:
+        raise RuntimeError(f"`apertus {' '.join(argv)}` failed (exit {code})")
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+def _last_metrics(run: Path) -> dict:
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return next((r for r in reversed(rows) if "tokens" in r), {})
+
+
+# --- the stages --------------------------------------------------------------------------------------------------------
+
+
+def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
+    """The BPE of the run: trained on the UDHR + FLORES dev text the data recipe reads (the FLORES test sentences
+    stay held out for fertility and bits per byte), or the released Apertus tokenizer."""
+    from .tokenizer import Tokenizer, apertus_tokenizer_path, train_tokenizer
+    from .tokenizer_eval import evaluate, read_udhr
+
+    apertus = Tokenizer.from_file(apertus_tokenizer_path())
+    if tokenizer == "apertus":
+        tok = apertus
+        tok.save(out)
+        trained_bytes = 0
+    else:
+        texts, trained_bytes, budget = [], 0, sizes["tokenizer_mb"] * 1e6
+        # round-robin over languages so a byte budget still covers every language
+        corpora = [list(read_udhr().values()), list(_flores("dev").values())]
+        for text in (t for pair in zip_longest(*corpora) for t in pair if t):
+            if trained_bytes >= budget:
+                break
+            text = text[:int(budget / 400)]
+            texts.append(text)
+            trained_bytes += len(text.encode())
+        t = time.time()
+        tok = train_tokenizer(texts, sizes["vocab_size"], out)
+        print(f"trained a {tok.vocab_size:,}-token BPE on {trained_bytes / 1e6:.1f} MB ({len(texts)} texts) in "
+              f"{time.time() - t:.1f}s")
+    held_out = _flores("test")
+    res = evaluate({"speedrun" if tokenizer != "apertus" else "apertus": tok} |
+                   ({"apertus": apertus} if tokenizer != "apertus" else {}), held_out, out / "fertility")
+    for name, r in res.items():
+        s = r["summary"]
+        print(f"fertility of {name} on held-out FLORES ({s['languages']} languages): median "
+              f"{s['median_tokens_per_word']:.2f} tokens/word, mean {s['mean_tokens_per_byte']:.3f} tokens/byte")
+    return {"tokens": 0, "bytes": trained_bytes, "vocab_size": tok.vocab_size}
+
+
+def _flores(split: str) -> dict[str, str]:
+    root = data_root() / "sib200" / "annotated"
+    texts = {}
+    for lang in sorted(p for p in root.iterdir() if p.is_dir()):
+        rows = (lang / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        texts[lang.name] = "\n".join(r.split("\t", 2)[2] for r in rows if r.count("\t") >= 2)
+    return texts
+
+
+def stage_data(out: Path, sizes: dict, run: Path) -> dict:
+    from .compliance.manifest import record_data_build
+    from .config import load_toml
+    from .data.pipeline import build, funnel_table
+
+    recipe = load_toml(RECIPES / "data_tiny.toml")
+    recipe["dataset"]["tokenizer"] = str((run / "tokenizer" / "tokenizer.json").resolve())
+    for src in recipe["sources"]:
+        if src["name"] in sizes["data"].get("limits", {}):
+            src["limit"] = sizes["data"]["limits"][src["name"]]
+    if "tasks" in sizes["data"]:
+        recipe["executor"]["tasks"] = sizes["data"]["tasks"]
+    t = time.time()
+    manifest = build(recipe, out / "dataset")
+    print(funnel_table(manifest))
+    record_data_build(out / "dataset", wall_time=time.time() - t)
+    return {"tokens": sum(s["n_tokens"] for s in manifest["shards"])}
+
+
+def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
+    from .tokenizer import Tokenizer
+    from .train.checkpointing import export_checkpoint
+
+    vocab = Tokenizer.from_file(run / "tokenizer").vocab_size
+    _cli(["train", str(RECIPES / "speedrun.toml"), "--out", str(out), "--set", f"data.dataset={run}/data/dataset",
+          "--set", f"model.vocab_size={vocab}"] + _sets(sizes["pretrain"]))
+    _cli(["manifest", str(out), "--kind", "pretrain"])
+    export_checkpoint(out, out / "hf", dtype="fp32")
+    return {"tokens": _last_metrics(out).get("tokens", 0)}
+
+
+def stage_sft(out: Path, sizes: dict, run: Path) -> dict:
+    _cli(["sft", str(RECIPES / "sft_tiny.toml"), "--out", str(out), "--set", f"model.init_from={run}/pretrain/hf"]
+         + _sets(sizes["sft"]))
+    return {"tokens": _last_metrics(out).get("tokens", 0)}
+
+
+def stage_align(out: Path, sizes: dict, run: Path) -> dict:
+    _cli(["align", str(RECIPES / "align_tiny.toml"), "--out", str(out), "--set", f"model.init_from={run}/sft/hf"]
+         + _sets(sizes["align"]))
+    return {"tokens": _last_metrics(out).get("tokens", 0)}
+
+
+def stage_eval(out: Path, sizes: dict, run: Path) -> dict:
+    """Base model: bits per byte by language and multiple choice (log-likelihoods); aligned model: GSM8K (generated
+    through the engine, in the chat format)."""
+    from .eval.report import markdown
+    from .eval.suite import evaluate
+
+    b, c = sizes["eval_base"], sizes["eval_chat"]
+    base = evaluate(str(run / "pretrain" / "hf"), b["tasks"], out=out / "base", limit=b["limit"], langs=b["langs"],
+                    max_len=512, batch_tokens=4096)
+    print(markdown(base))
+    chat = evaluate(str(run / "align" / "hf"), c["tasks"], out=out / "chat", limit=c["limit"], num_fewshot=0,
+                    max_tokens=c["max_tokens"], max_len=640)
+    print(markdown(chat))
+    return {"tokens": 0}
+
+
+def stage_export(out: Path, sizes: dict, run: Path) -> dict:
+    from .checkpoint import replace_dir
+    from .export_gguf import export_gguf
+
+    tmp = out / ".hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run / "align" / "hf", tmp)
+    replace_dir(tmp, out / "hf")
+    gguf_file = export_gguf(out / "hf", out / "apertus-speedrun.gguf", dtype="f32")
+    print(f"wrote {out / 'hf'} (Hugging Face) and {gguf_file} ({gguf_file.stat().st_size / 1e6:.1f} MB, llama.cpp)")
+    return {"tokens": 0}
+
+
+def stage_cards(out: Path, sizes: dict, run: Path) -> dict:
+    from .compliance.cards import write_cards
+
+    for path in write_cards(run, out, model_name="apertus-speedrun").values():
+        print(f"wrote {path}")
+    return {"tokens": 0}
+
+
+def stage_chat(out: Path, sizes: dict, run: Path) -> dict:
+    from .chat import STOP_IDS, encode_chat
+    from .infer.engine import Engine
+    from .infer.sampler import SamplingParams
+
+    rows = []
+    with Engine(str(run / "export" / "hf"), dtype="fp32") as engine:
+        prompts = [encode_chat(engine.tokenizer, m, add_generation_prompt=True, date="2025-09-02")[0] for m in CHATS]
+        params = SamplingParams(temperature=0.0, max_tokens=sizes["chat_tokens"], stop_token_ids=list(STOP_IDS))
+        for messages, req in zip(CHATS, engine.generate(prompts, params), strict=True):
+            req.result()
+            rows.append({"messages": messages, "reply": req.text, "finish_reason": req.finish_reason,
+                         "tokens": len(req.output_ids)})
+            print(f"user: {messages[-1]['content']}\nassistant: {req.text.strip()}\n")
+    _write_json(out / "chats.json", rows)
+    return {"tokens": sum(r["tokens"] for r in rows)}
+
+
+# --- the run -----------------------------------------------------------------------------------------------------------
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", stages: list[str] | None = None) -> Path:
+    """Run (or resume) the speedrun into `out`; `stages` reruns just those. Returns the report's path."""
+    from .speedrun_report import write_report
+
+    run = Path(out).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(stages or ()) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    mode = {"smoke": smoke, "tokenizer": tokenizer}
+    state = _read_json(run / "speedrun.json", {"mode": mode, "stages": {}})
+    if state["mode"] != mode:
+        raise ValueError(f"{run} holds a speedrun with {state['mode']} (not {mode}); choose another --out")
+    sizes = SMOKE if smoke else FULL
+    t_run = time.time()
+    todo = [s for s in STAGES if (s in stages if stages else not (run / s / "DONE").is_file())]
+    for i, name in enumerate(STAGES, 1):
+        folder = run / name
+        if name not in todo:
+            print(f"== [{i}/{len(STAGES)}] {name}: done ({folder}/DONE), skipped", flush=True)
+            continue
+        for prev in STAGES[:i - 1]:
+            if not (run / prev / "DONE").is_file():
+                raise FileNotFoundError(f"stage {name} needs stage {prev} first ({run / prev}/DONE is missing)")
+        if stages and folder.exists():  # an explicit rerun starts the stage afresh
+            shutil.rmtree(folder)
+        folder.mkdir(exist_ok=True)
+        print(f"\n== [{i}/{len(STAGES)}] {name}  (elapsed {_hms(time.time() - t_run)})", flush=True)
+        t = time.time()
+        fn = globals()[f"stage_{name}"]
+        result = fn(folder, sizes, tokenizer) if name == "tokenizer" else fn(folder, sizes, run)
+        result["seconds"] = round(time.time() - t, 1)
+        state["stages"][name] = result
+        _write_json(run / "speedrun.json", state)
+        _write_json(folder / "DONE", result)
+        print(f"== {name} finished in {_hms(result['seconds'])} ({result['tokens']:,} tokens)", flush=True)
+    report = write_report(run)
+    total = sum(s["seconds"] for s in state["stages"].values())
+    print(f"\nspeedrun finished: {_hms(total)} of stage time in all; report: {report}")
+    return report

@@ -1,0 +1,208 @@
+"""report.md of a speedrun directory (`apertus report RUN_DIR`): read what the stages wrote, draw, link.
+
+Everything is read from the run's files (speedrun.json, the dataset manifest, fertility.json, metrics.jsonl, eval
+results, chats.json), so the report can be regenerated at any time, also for a partial run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("apertus", "torch", "transformers", "tokenizers", "datatrove", "gguf", "safetensors")
+
+
+def _read(path: Path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def _system() -> list[str]:
+    from .compliance.manifest import hardware
+
+    hw = hardware()
+    versions = []
+    for pkg in PACKAGES:
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return [f"- Python {platform.python_version()} on {hw['platform']}",
+            f"- CPU: {hw['cpu']} ({hw['cpu_count']} logical cores, torch uses {hw['torch_threads']} threads), "
+            f"{hw['memory_gib']} GiB memory" + (f"; accelerators: {', '.join(hw['accelerators'])}"
+                                                 if hw["accelerators"] else ""),
+            "- " + ", ".join(versions)]
+
+
+def _stage_table(state: dict) -> list[str]:
+    rows = ["| stage | time (m:s) | tokens | notes |", "|---|---:|---:|---|"]
+    notes = {"tokenizer": lambda r: f"vocabulary {r.get('vocab_size', 0):,}, trained on {r.get('bytes', 0) / 1e6:.1f} MB",
+             "data": lambda r: "tokens in the built shards",
+             "pretrain": lambda r: "tokens trained on", "sft": lambda r: "tokens trained on (packed rows)",
+             "align": lambda r: "tokens of the preference pairs", "chat": lambda r: "tokens generated"}
+    for name, r in state.get("stages", {}).items():
+        note = notes.get(name, lambda r: "")(r)
+        rows.append(f"| {name} | {_hms(r['seconds'])} | {r.get('tokens', 0):,} | {note} |")
+    total = sum(r["seconds"] for r in state.get("stages", {}).values())
+    rows.append(f"| **total** | **{_hms(total)}** | | |")
+    return rows
+
+
+def _fertility(run: Path) -> list[str]:
+    from .speedrun import FERTILITY_LANGS
+
+    res = _read(run / "tokenizer" / "fertility" / "fertility.json")
+    if not res:
+        return ["(no tokenizer stage yet)"]
+    names = list(res)
+    lines = ["Tokens per word and per UTF-8 byte on the held-out FLORES-200 test sentences (never trained on); the "
+             "premium is the token count relative to English on the same (parallel) sentences.", "",
+             "| tokenizer | vocabulary | languages | median tokens/word | mean tokens/byte | median premium vs eng |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        s = res[n]["summary"]
+        lines.append(f"| {n} | {s['vocab_size']:,} | {s['languages']} | {s['median_tokens_per_word']:.2f} | "
+                     f"{s['mean_tokens_per_byte']:.3f} | {s.get('median_premium', float('nan')):.2f} |")
+    lines += ["", "| language | " + " | ".join(f"{n} tokens/word · tokens/byte" for n in names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for lang in FERTILITY_LANGS:
+        if lang in res[names[0]]["languages"]:
+            cells = [f"{res[n]['languages'][lang]['tokens_per_word']:.2f} · "
+                     f"{res[n]['languages'][lang]['tokens_per_byte']:.3f}" for n in names]
+            lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    return lines + ["", "![fertility by script](tokenizer/fertility/fertility.png)"]
+
+
+def plot_losses(run: Path, png: Path) -> bool:
+    """Pretraining (train and held-out loss per language), SFT and QRPO losses in one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, _jsonl(run / name / "metrics.jsonl")) for name in ("pretrain", "sft", "align")]
+    panels = [(n, rows) for n, rows in panels if any("loss" in r for r in rows)]
+    if not panels:
+        return False
+    titles = {"pretrain": "pretraining (AdEMAMix, WSD, Goldfish)", "sft": "SFT (assistant tokens)",
+              "align": "QRPO"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels, strict=True):
+        x = "tokens" if name == "pretrain" else "step"
+        train = [r for r in rows if "loss" in r]
+        ax.plot([r[x] for r in train], [r["loss"] for r in train], lw=0.9, label="train")
+        for k in sorted({k for r in rows for k in r if k.startswith("val/") and k.endswith("loss")}):
+            pts = [(r[x], r[k]) for r in rows if k in r]
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, lw=0.8, label=k[4:].removesuffix("/loss") or "val")
+        if name == "pretrain":  # where the curriculum switches to code and math
+            recipe = _read(run / "pretrain" / "recipe.json", {})
+            for st in recipe.get("stages", [])[1:]:
+                ax.axvline(st["start_tokens"], color="gray", ls=":", lw=1)
+                ax.text(st["start_tokens"], ax.get_ylim()[1], f" {st['name']}", va="top", fontsize=7)
+        ax.set(title=titles[name], xlabel=x, ylabel="loss" + (" (nats/token)" if name != "align" else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return True
+
+
+def _eval_tables(run: Path) -> list[str]:
+    from .eval.report import markdown
+
+    lines = []
+    for sub, what in (("base", "base model (after pretraining): log-likelihood tasks"),
+                      ("chat", "aligned model (after SFT and QRPO): GSM8K generated through the engine, 0-shot, "
+                               "chat format")):
+        res = _read(run / "eval" / sub / "results.json")
+        if res:
+            md = markdown(res).splitlines()
+            lines += [f"### The {what}", ""] + [line for line in md[1:] if not line.startswith("## Tasks")] + [""]
+    summary = _read(run / "align" / "eval" / "summary.json")
+    if summary:
+        lines += ["### QRPO: held-out mean reward (rule-based: correct answer, GSM8K format, states a number)", "",
+                  "| model | mean reward | ended its turn | mean tokens | samples |", "|---|---:|---:|---:|---:|"]
+        for k in ("reference", "policy"):
+            r = summary[k]
+            lines.append(f"| {'SFT (reference)' if k == 'reference' else 'QRPO policy'} | {r['mean_reward']:.3f} | "
+                         f"{100 * r['ended_turn']:.0f}% | {r['mean_tokens']:.0f} | {r['samples']} |")
+        lines.append("")
+    return lines or ["(no eval stage yet)"]
+
+
+def _chats(run: Path) -> list[str]:
+    rows = _read(run / "chat" / "chats.json")
+    if not rows:
+        return ["(no chat stage yet)"]
+    lines = ["Greedy decoding through `apertus.infer.Engine` from the exported checkpoint (`export/hf`), the "
+             "Apertus chat template:", ""]
+    for r in rows:
+        for m in r["messages"]:
+            lines.append(f"> **{m['role']}**: {m['content']}  ")
+        reply = r["reply"].strip().replace("\n", "  \n> ")
+        lines += [f"> **assistant** ({r['tokens']} tokens, {r['finish_reason']}): {reply}", ""]
+    return lines
+
+
+def _links(run: Path) -> list[str]:
+    items = [("export/hf", "Hugging Face checkpoint (`transformers.AutoModelForCausalLM.from_pretrained`, vLLM, "
+              "SGLang)"), ("export/apertus-speedrun.gguf", "GGUF for llama.cpp / Ollama"),
+             ("cards/README.md", "model card"), ("cards/DATA_CARD.md", "data card"),
+             ("cards/EU_PUBLIC_SUMMARY.md", "EU AI Act public summary of the training content"),
+             ("data/dataset/manifest.json", "dataset manifest (recipe, versions, shard hashes, funnel)"),
+             ("pretrain/run.json", "pretraining run manifest (config, seeds, artifact hashes)"),
+             ("speedrun.json", "time and tokens per stage")]
+    return [f"- [{path}]({path}): {what}" for path, what in items if (run / path).exists()]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run = Path(run_dir)
+    state = _read(run / "speedrun.json")
+    if state is None:
+        raise FileNotFoundError(f"{run}: no speedrun.json (not a speedrun directory)")
+    mode = "smoke test (--smoke: a few steps per stage)" if state["mode"]["smoke"] else "full run"
+    lines = [f"# Apertus speedrun — {mode}", "",
+             "The whole Apertus pipeline on the embedded corpus: data → tokenizer → pretraining (multilingual, then "
+             "code and math) → SFT → QRPO → evaluation → export → cards → chat. Regenerate with "
+             f"`apertus report {run}`.", "", "## System", ""] + _system()
+    lines += ["", "## Time and tokens per stage", ""] + _stage_table(state)
+    manifest = _read(run / "data" / "dataset" / "manifest.json")
+    if manifest:
+        from .data.pipeline import funnel_table
+
+        lines += ["", "## Data funnel", "", "Documents and tokens per source through each step of the pipeline "
+                  "(`apertus data info data/dataset`):", "", "```", funnel_table(manifest), "```"]
+    lines += ["", "## Tokenizer fertility by language", ""] + _fertility(run)
+    lines += ["", "## Loss curves", ""]
+    if plot_losses(run, run / "loss_curves.png"):
+        lines += ["![loss curves](loss_curves.png)", "",
+                  "Pretraining: training loss (Goldfish-masked) and held-out loss per language against tokens; the "
+                  "dotted line is the switch to the code/math stage. SFT: loss on the assistant's tokens. QRPO: the "
+                  "quantile-reward regression loss."]
+    lines += ["", "## Bits per byte by language", ""]
+    if (run / "eval" / "base" / "flores_bpb.png").is_file():
+        lines += ["Held-out FLORES-200 test sentences; bits per byte do not depend on the tokenizer. The dashed "
+                  "line is chance (a uniform distribution over the vocabulary).", "",
+                  "![bits per byte](eval/base/flores_bpb.png)"]
+    lines += ["", "## Evaluation (chance levels beside every score)", ""] + _eval_tables(run)
+    lines += ["## Sample chats", ""] + _chats(run)
+    lines += ["## Cards and exports", ""] + _links(run)
+    out = run / "report.md"
+    tmp = out.with_name(f".report.md.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
