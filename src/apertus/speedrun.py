@@ -63,7 +63,7 @@ FULL = {
 }
 _GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
 SMOKE = {
-    "vocab_size": 2048, "tokenizer_mb": 1.0,
+    "vocab_size": 2048, "tokenizer_mb": 1.0, "fertility_langs": FERTILITY_LANGS,
     "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2},
     "pretrain": ["stages.0.steps=4", "stages.1.steps=2", "train.seq_len=128", "train.global_batch_tokens=1024",
                  "train.micro_batch=8", "train.compile=false", "schedule.warmup_tokens=1024",
@@ -87,7 +87,7 @@ def mentions_number(messages, completion: str, meta: dict) -> float:
     return float(any(ch.isdigit() for ch in completion))
 
 
-# --- bookkeeping -------------------------------------------------------------------------------------------------------
+# --- bookkeeping ------------------------------------------------------------------------------------------------------
 
 
 def _write_json(path: Path, obj) -> None:
@@ -114,13 +114,20 @@ def _sets(items: list[str]) -> list[str]:
     return [x for item in items for x in ("--set", item)]
 
 
+def _finished(hf: Path) -> None:
+    """The trainers export their final checkpoint only after the last step; a stop on SIGTERM (they save a
+    checkpoint and return) leaves none, and the stage must not be marked done."""
+    if not (hf / "config.json").is_file():
+        raise RuntimeError(f"{hf} was not written: training stopped before its last step; rerun to resume")
+
+
 def _last_metrics(run: Path) -> dict:
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
     rows = [json.loads(line) for line in lines if line.strip()]
     return next((r for r in reversed(rows) if "tokens" in r), {})
 
 
-# --- the stages --------------------------------------------------------------------------------------------------------
+# --- the stages -------------------------------------------------------------------------------------------------------
 
 
 def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
@@ -148,7 +155,8 @@ def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
         tok = train_tokenizer(texts, sizes["vocab_size"], out)
         print(f"trained a {tok.vocab_size:,}-token BPE on {trained_bytes / 1e6:.1f} MB ({len(texts)} texts) in "
               f"{time.time() - t:.1f}s")
-    held_out = _flores("test")
+    langs = sizes.get("fertility_langs")  # smoke: a few languages; full: all 205
+    held_out = {k: v for k, v in _flores("test").items() if langs is None or k in langs}
     res = evaluate({"speedrun" if tokenizer != "apertus" else "apertus": tok} |
                    ({"apertus": apertus} if tokenizer != "apertus" else {}), held_out, out / "fertility")
     for name, r in res.items():
@@ -193,6 +201,9 @@ def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
     vocab = Tokenizer.from_file(run / "tokenizer").vocab_size
     _cli(["train", str(RECIPES / "speedrun.toml"), "--out", str(out), "--set", f"data.dataset={run}/data/dataset",
           "--set", f"model.vocab_size={vocab}"] + _sets(sizes["pretrain"]))
+    recipe = json.loads((out / "recipe.json").read_text())
+    if _last_metrics(out).get("step") != sum(st["steps"] for st in recipe["stages"]):
+        raise RuntimeError(f"{out}: pretraining stopped before its last step; rerun to resume")
     _cli(["manifest", str(out), "--kind", "pretrain"])
     export_checkpoint(out, out / "hf", dtype="fp32")
     return {"tokens": _last_metrics(out).get("tokens", 0)}
@@ -201,12 +212,14 @@ def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
 def stage_sft(out: Path, sizes: dict, run: Path) -> dict:
     _cli(["sft", str(RECIPES / "sft_tiny.toml"), "--out", str(out), "--set", f"model.init_from={run}/pretrain/hf"]
          + _sets(sizes["sft"]))
+    _finished(out / "hf")
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 
 def stage_align(out: Path, sizes: dict, run: Path) -> dict:
     _cli(["align", str(RECIPES / "align_tiny.toml"), "--out", str(out), "--set", f"model.init_from={run}/sft/hf"]
          + _sets(sizes["align"]))
+    _finished(out / "hf")
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 
@@ -265,7 +278,7 @@ def stage_chat(out: Path, sizes: dict, run: Path) -> dict:
     return {"tokens": sum(r["tokens"] for r in rows)}
 
 
-# --- the run -----------------------------------------------------------------------------------------------------------
+# --- the run ----------------------------------------------------------------------------------------------------------
 
 
 def _hms(seconds: float) -> str:

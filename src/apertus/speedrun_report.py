@@ -47,7 +47,8 @@ def _system() -> list[str]:
 
 def _stage_table(state: dict) -> list[str]:
     rows = ["| stage | time (m:s) | tokens | notes |", "|---|---:|---:|---|"]
-    notes = {"tokenizer": lambda r: f"vocabulary {r.get('vocab_size', 0):,}, trained on {r.get('bytes', 0) / 1e6:.1f} MB",
+    notes = {"tokenizer": lambda r: f"vocabulary {r.get('vocab_size', 0):,}, trained on "
+                                    f"{r.get('bytes', 0) / 1e6:.1f} MB",
              "data": lambda r: "tokens in the built shards",
              "pretrain": lambda r: "tokens trained on", "sft": lambda r: "tokens trained on (packed rows)",
              "align": lambda r: "tokens of the preference pairs", "chat": lambda r: "tokens generated"}
@@ -131,7 +132,7 @@ def _eval_tables(run: Path) -> list[str]:
         res = _read(run / "eval" / sub / "results.json")
         if res:
             md = markdown(res).splitlines()
-            lines += [f"### The {what}", ""] + [line for line in md[1:] if not line.startswith("## Tasks")] + [""]
+            lines += [f"### The {what}", ""] + [line.replace("## ", "#### ", 1) for line in md[2:]] + [""]
     summary = _read(run / "align" / "eval" / "summary.json")
     if summary:
         lines += ["### QRPO: held-out mean reward (rule-based: correct answer, GSM8K format, states a number)", "",
