@@ -260,14 +260,16 @@ def test_rollouts_are_written_per_chunk_and_resume_after_a_kill(tmp_path, tmp_pa
 @pytest.mark.slow
 def test_align_end_to_end_raises_the_held_out_reward_over_the_sft_model(tmp_path, tmp_path_factory, capsys):
     from apertus import cli
+    from apertus.train.qrpo import run
 
     sft = ph.trained_sft(tmp_path_factory)
     recipe = ph.write_recipe(align_recipe(sft / "hf"), tmp_path / "align.toml")
     assert cli.main(["align", str(recipe), "--out", str(tmp_path / "qrpo")]) == 0
     qrpo = json.loads((tmp_path / "qrpo" / "eval" / "summary.json").read_text())
-    # the DPO baseline on the same rollouts
-    assert cli.main(["align", str(recipe), "--out", str(tmp_path / "dpo"), "--set", 'loss.name="dpo"',
-                     "--set", f"data.rollouts={tmp_path / 'qrpo' / 'rollouts'}"]) == 0
+    # the DPO baseline on the same rollouts, through the Python entry point
+    hf = run(recipe, tmp_path / "dpo", init_from=sft / "hf",
+             overrides=['loss.name="dpo"', f"data.rollouts={tmp_path / 'qrpo' / 'rollouts'}"])
+    assert hf == tmp_path / "dpo" / "hf"
     dpo = json.loads((tmp_path / "dpo" / "eval" / "summary.json").read_text())
     ref, after = qrpo["reference"]["mean_reward"], qrpo["policy"]["mean_reward"]
     with capsys.disabled():

@@ -513,6 +513,15 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def run(recipe: str | Path | dict, out_dir: str | Path, *, init_from: str | Path | None = None,
+        overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """The Python entry point: an alignment run from a recipe file or dict (see `apertus.train.sft.run`); `init_from`
+    is the SFT checkpoint (π_ref and the starting policy). Resumable; returns the instruct checkpoint out_dir/hf."""
+    from .sft import run as run_any
+
+    return run_any(recipe, out_dir, init_from=init_from, overrides=overrides, kind="align")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .sft import main as run_main
 
