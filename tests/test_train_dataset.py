@@ -6,6 +6,7 @@ import json
 import pytest
 import train_data
 
+from apertus.compliance.manifest import verify
 from apertus.config import data_root
 from apertus.train.distributed import Dist
 from apertus.train.pretrain import pretrain
@@ -50,6 +51,12 @@ def test_pretraining_on_a_built_dataset_with_stages_and_per_language_validation(
     loader = state["source"]["loader"]
     assert (loader["stage"], loader["seed"], loader["row"]) == ("second", 5, 2 * 2 * 4)  # 2 steps x 2 micro x 4 rows
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()  # the dataset's tokenizer, for export
+    # the run's manifest (compliance): the dataset it read, tokens seen, checkpoints hashed and still intact
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["kind"] == "pretrain" and run["tokens"] == result["tokens"] == 4 * 64 * 8
+    assert [d["path"] for d in run["datasets"]] == [str(dataset.resolve())] and run["wall_time_s"] > 0
+    assert any(p.startswith("checkpoints/step_00000004/") for p in run["artifacts"])
+    assert verify(tmp_path / "run")["problems"] == []
     table["model"]["vocab_size"] = 1000
     with pytest.raises(ValueError, match="vocab_size 1,000 is smaller than the vocabulary of the dataset"):
         pretrain(parse_recipe(table), tmp_path / "small", Dist())

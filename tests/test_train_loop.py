@@ -122,11 +122,15 @@ def test_two_process_fsdp_matches_one_process_and_exports_for_transformers(tmp_p
     fsdp = {"train": dict(recipe["train"], activation_checkpointing=True, compile=True)}  # as on the cluster
     run_child({"out": str(two), "recipe": fsdp, "val": True}, nproc=2)  # 2 ranks x 2 micro-batches x 2 rows
     a, b = losses(one), losses(two)
-    assert len(a) == 4 and a == pytest.approx(b, rel=1e-5, abs=0)
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-6, abs=0)  # measured: within 5e-8
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     norms = [r["grad_norm"] for r in rows]
-    assert min(norms) > 0.1 and norms == pytest.approx([r["grad_norm"] for r in ref_rows], rel=1e-5)
+    # The gradients themselves agree per parameter to 1e-6 (checked in float64), but torch's fp32 CPU norm kernel
+    # accumulates the squares sequentially: on the 843k-element lm_head gradient it is 8e-5 off the float64 norm, and
+    # sharding changes the lengths it sums over (measured 1-vs-2-process gap 4.8e-5). Hence 2e-4, not fp32 epsilon;
+    # a real averaging/normalisation error would be a factor (2x, tokens per rank), far outside it.
+    assert min(norms) > 0.1 and norms == pytest.approx([r["grad_norm"] for r in ref_rows], rel=2e-4)
     assert rows[-1]["val/en/loss"] == pytest.approx(ref_rows[-1]["val/en/loss"], rel=1e-5)
     assert rows[-1]["val/de/bpb"] == pytest.approx(ref_rows[-1]["val/de/bpb"], rel=1e-5)
     wa, wb = final_weights(one, tmp_path), final_weights(two, tmp_path)

@@ -138,7 +138,7 @@ def test_stages_switch_data_seed_batch_theta_and_lr(tmp_path):
     assert source.loader.state_dict() == {"pos": 2 * 4 * 2}  # two steps of four micro-batches of two rows
 
 
-def test_export_command_writes_a_transformers_checkpoint_with_tokenizer(tmp_path, apertus_tokenizer_json):
+def test_export_command_writes_a_transformers_checkpoint_with_tokenizer(tmp_path, apertus_tokenizer_json, capsys):
     import transformers
 
     recipe = parse_recipe(train_data.tiny_recipe(steps=4))
@@ -152,9 +152,44 @@ def test_export_command_writes_a_transformers_checkpoint_with_tokenizer(tmp_path
     assert model.dtype == torch.bfloat16 and model.config.vocab_size == recipe.model.vocab_size
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("Hello").input_ids[0] == 1
-    r = subprocess.run([sys.executable, "-m", "apertus.cli", "export", str(tmp_path / "nothing"), "--out",
-                        str(tmp_path / "x")], capture_output=True, text=True)
-    assert r.returncode == 2 and "no complete training checkpoint" in r.stderr
+    assert cli(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "no complete training checkpoint" in capsys.readouterr().err
+    assert cli(["export", str(tmp_path / "run"), "--dtype", "f16"]) == 2
+    assert "--dtype f16 is for --format gguf" in capsys.readouterr().err
+
+
+def test_export_command_writes_gguf_that_gguf_py_reads(tmp_path, capsys):
+    """`apertus export RUN --format gguf`: read back with gguf-py's GGUFReader (llama.cpp's own reader); tensor names
+    from gguf-py's Apertus name map, values equal to the checkpoint's weights."""
+    import gguf
+    import numpy as np
+
+    from apertus.tokenizer import tiny_tokenizer
+
+    run = tmp_path / "my-run"
+    tok = tiny_tokenizer(run / "tokenizer")  # the run's own tokenizer, found by default (2,048 ids)
+    cfg = ApertusConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1)
+    model = build_model(cfg, seed=0)
+    save_checkpoint(run / "checkpoints", 3, model, build_optimizer(model, lr=1e-3), Dist(), {"tokens": 0})
+    out = tmp_path / "m.gguf"
+    assert cli(["export", str(run), "--format", "gguf", "--dtype", "fp32", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "apertus"
+    assert reader.fields["apertus.block_count"].contents() == 2
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.APERTUS, 2)
+    weights = {k: v for k, v in model.state_dict().items() if ".act_fn." not in k}  # xIELU scalars: metadata
+    tensors = {t.name: t for t in reader.tensors}
+    expected = {names.get_name(k, try_suffixes=(".weight",)) for k in weights} | {"rope_freqs.weight"}  # llama3 RoPE
+    assert set(tensors) == expected and len(reader.tensors) == len(expected)
+    for key, value in weights.items():
+        np.testing.assert_array_equal(tensors[names.get_name(key, try_suffixes=(".weight",))].data, value.numpy())
+    assert cli(["export", str(run), "--format", "gguf"]) == 0  # default: bf16 next to the run
+    default = run / "export" / "my-run-step_00000003-bf16.gguf"
+    assert str(default) in capsys.readouterr().out
+    types = {t.tensor_type for t in gguf.GGUFReader(default).tensors}
+    assert types == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}  # matrices bf16, norms f32
+    assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # the temporary HF folder is gone
 
 
 def test_pruning_keeps_the_last_k_and_the_permanent_checkpoints(tmp_path):

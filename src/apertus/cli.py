@@ -192,10 +192,17 @@ def _train_argv(args) -> list[str]:
 
 
 def cmd_export(args) -> int:
-    from .train.checkpointing import export_checkpoint
+    from .train import checkpointing as ck
 
-    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
-    print(f"wrote {out} (Hugging Face Apertus checkpoint, {args.dtype})")
+    if args.format == "hf" and args.dtype == "f16":
+        raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
+    out = args.out or ck.default_export_path(args.checkpoint, args.format, args.dtype)
+    if args.format == "gguf":
+        out = ck.export_checkpoint_gguf(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
+        print(f"wrote {out} (GGUF for llama.cpp, {args.dtype})")
+    else:
+        out = ck.export_checkpoint(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
+        print(f"wrote {out} (Hugging Face Apertus checkpoint, {args.dtype})")
     return 0
 
 
@@ -212,10 +219,12 @@ def _add_train_commands(sub) -> None:
     s.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan checks against")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face Apertus checkpoint")
+    s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face Apertus checkpoint or GGUF")
     s.add_argument("checkpoint", help="checkpoint folder (runs/X/checkpoints/step_N), or a run folder (newest)")
-    s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    s.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a directory transformers loads; gguf: one file llama.cpp loads")
+    s.add_argument("--out", help="output directory (hf) or .gguf file (default: RUN/export/...)")
+    s.add_argument("--dtype", choices=["bf16", "fp32", "f16"], default="bf16", help="weights (f16: gguf only)")
     s.add_argument("--tokenizer", help="tokenizer.json to include (default: the run's tokenizer/)")
     s.set_defaults(func=cmd_export)
 

@@ -144,6 +144,25 @@ def resume_point(root: str | os.PathLike) -> Path | None:
 # --- export to a Hugging Face directory ------------------------------------------------------------------------------
 
 
+def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """A checkpoint folder as given, or the newest complete one of a run / checkpoints folder."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "state.json").exists():
+        found = latest_checkpoint(ckpt) or latest_checkpoint(ckpt / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"{ckpt}: no complete training checkpoint here")
+        ckpt = found
+    return ckpt
+
+
+def default_export_path(ckpt: str | os.PathLike, fmt: str, dtype: str) -> Path:
+    """run/export/step_N-DTYPE (hf) or run/export/RUN-step_N-DTYPE.gguf, next to the run's checkpoints."""
+    ckpt = resolve_checkpoint(ckpt)
+    run = ckpt.parent.parent
+    name = f"{ckpt.name}-{dtype}"
+    return run / "export" / (f"{run.resolve().name}-{name}.gguf" if fmt == "gguf" else name)
+
+
 def _tokenizer_files(ckpt: Path, tokenizer: str | os.PathLike | None) -> dict[str, str]:
     """tokenizer.json + tokenizer_config.json (as apertus.tokenizer writes them) from --tokenizer, the checkpoint
     folder or its run's tokenizer/ folder; none when there is none."""
@@ -173,12 +192,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     from ..config import load_config
     from ..model import build_model
 
-    ckpt = Path(ckpt)
-    if not (ckpt / "state.json").exists():
-        found = latest_checkpoint(ckpt) or latest_checkpoint(ckpt / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"{ckpt}: no complete training checkpoint here")
-        ckpt = found
+    ckpt = resolve_checkpoint(ckpt)
     model = build_model(load_config(ckpt), device="meta")
     model.to_empty(device="cpu")
     state = model.state_dict()
@@ -187,3 +201,27 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: st
     model.load_state_dict(state)
     save_model(model, out, dtype=dtype, extra_files=_tokenizer_files(ckpt, tokenizer))
     return Path(out)
+
+
+GGUF_DTYPES = {"fp32": "f32", "bf16": "bf16", "f16": "f16"}
+
+
+def export_checkpoint_gguf(ckpt: str | os.PathLike, out_file: str | os.PathLike, dtype: str = "bf16",
+                           tokenizer: str | os.PathLike | None = None) -> Path:
+    """Write a training checkpoint as one GGUF file for llama.cpp (apertus.export_gguf), by way of a temporary
+    Hugging Face directory next to `out_file` (bf16 stays bf16 bit for bit; fp32 and f16 go through fp32)."""
+    import tempfile
+
+    from ..export_gguf import export_gguf
+
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
+    ckpt, out_file = resolve_checkpoint(ckpt), Path(out_file)
+    if not _tokenizer_files(ckpt, tokenizer):
+        raise FileNotFoundError(f"{ckpt}: no tokenizer with this run (a GGUF file holds the vocabulary); pass "
+                                "--tokenizer tokenizer.json")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".export-") as tmp:
+        hf = Path(tmp) / out_file.stem  # the directory name becomes the GGUF's general.name
+        export_checkpoint(ckpt, hf, dtype="bf16" if dtype == "bf16" else "fp32", tokenizer=tokenizer)
+        return export_gguf(hf, out_file, GGUF_DTYPES[dtype])

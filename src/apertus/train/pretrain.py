@@ -258,7 +258,13 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
                      log_every=t.log_every, val_every=recipe.eval.every, ckpt_every=recipe.checkpoint.every,
                      keep_last=recipe.checkpoint.keep_last, permanent_every=recipe.checkpoint.permanent_every,
                      name="pretrain")
-    return train(model, optimizer, source, loss_fn, cfg, d, validate)
+    result = train(model, optimizer, source, loss_fn, cfg, d, validate)
+    if d.main:  # run.json (issue 10): resolved recipe, seeds, code, hashes of the checkpoints, tokens, FLOPs, energy
+        from ..compliance.manifest import record_training_run
+
+        # wall time from the metrics' timestamps (None): it spans every resumed part of the run, not just this one
+        record_training_run(out, "pretrain", wall_time=None)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
