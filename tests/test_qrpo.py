@@ -98,6 +98,24 @@ def test_quantile_rewards_and_pair_choice():
     assert _choose({"ref_rewards": [1.0]}, [{"text": "", "reward": 1.0}]) == "empty_completion"
 
 
+def test_alignment_prompts_skip_bad_input(tmp_path, tmp_path_factory):
+    from apertus.train.qrpo import load_prompts
+
+    tok = ph.gsm8k_tokenizer(ph.tokenizer_dir(tmp_path_factory))
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "#### 4"}]},
+            {"messages": [{"role": "assistant", "content": "Hello"}]},  # no prompt left
+            {"messages": [{"role": "user", "content": "many words " * 300}]},  # longer than the context
+            {"messages": [{"role": "wizard", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": "hi"}], "meta": {"candidates": ["Hi!", "Go away."]}}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    out = load_prompts(tok, [{"format": "chat", "path": str(path)}], max_tokens=64, seq_len=256, date=ph.DATE,
+                       with_candidates=True)
+    assert [rec.get("skipped") for rec, _ in out] == [None, "invalid", "too_long", "invalid", None, "invalid"]
+    assert out[0][1] == ["#### 4"] and out[4][1] == ["Hi!", "Go away."]  # offline candidates join the pool
+    assert tok.decode(out[0][0]["prompt_ids"][-1:]) == "<|assistant_start|>"
+
+
 # --- rewards ----------------------------------------------------------------------------------------------------------
 
 
@@ -242,14 +260,16 @@ def test_rollouts_are_written_per_chunk_and_resume_after_a_kill(tmp_path, tmp_pa
 @pytest.mark.slow
 def test_align_end_to_end_raises_the_held_out_reward_over_the_sft_model(tmp_path, tmp_path_factory, capsys):
     from apertus import cli
+    from apertus.train.qrpo import run
 
     sft = ph.trained_sft(tmp_path_factory)
     recipe = ph.write_recipe(align_recipe(sft / "hf"), tmp_path / "align.toml")
     assert cli.main(["align", str(recipe), "--out", str(tmp_path / "qrpo")]) == 0
     qrpo = json.loads((tmp_path / "qrpo" / "eval" / "summary.json").read_text())
-    # the DPO baseline on the same rollouts
-    assert cli.main(["align", str(recipe), "--out", str(tmp_path / "dpo"), "--set", 'loss.name="dpo"',
-                     "--set", f"data.rollouts={tmp_path / 'qrpo' / 'rollouts'}"]) == 0
+    # the DPO baseline on the same rollouts, through the Python entry point
+    hf = run(recipe, tmp_path / "dpo", init_from=sft / "hf",
+             overrides=['loss.name="dpo"', f"data.rollouts={tmp_path / 'qrpo' / 'rollouts'}"])
+    assert hf == tmp_path / "dpo" / "hf"
     dpo = json.loads((tmp_path / "dpo" / "eval" / "summary.json").read_text())
     ref, after = qrpo["reference"]["mean_reward"], qrpo["policy"]["mean_reward"]
     with capsys.disabled():

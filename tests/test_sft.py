@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from apertus import cli
 from apertus.train.chat_data import encode, read_source
-from apertus.train.sft import collate, pack, parse_sft_recipe
+from apertus.train.sft import collate, pack, parse_sft_recipe, run
 
 DATE = ph.DATE
 WEATHER = {"name": "get_weather", "description": "Get weather", "parameters": {
@@ -197,7 +197,7 @@ def test_fsdp_two_processes_matches_one_process_and_resumes(tmp_path, tmp_path_f
     recipe["data"]["sources"] = [ph.gsm8k("train", 64)]
     recipe["checkpoint"] = {"every": 2, "keep_last": 2}
     one, two = tmp_path / "one", tmp_path / "two"
-    assert cli.main(["sft", str(ph.write_recipe(recipe, tmp_path / "one.toml")), "--out", str(one)]) == 0
+    assert run(recipe, one) == one / "hf"  # the Python entry point, from a recipe dict
     run_sft(recipe, two, tmp_path, nproc=2)  # 8 rows a step: 2 ranks x 2 micro-batches of 2 rows
 
     def losses(run):
@@ -217,8 +217,8 @@ def test_fsdp_two_processes_matches_one_process_and_resumes(tmp_path, tmp_path_f
     assert len(losses(two)) == 4 and losses(two) == pytest.approx(losses(one), rel=1e-5)
     resumed, straight = load_file(two / "hf" / "model.safetensors"), load_file(tmp_path / "straight.safetensors")
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    run = json.loads((two / "run.json").read_text())
-    assert run["kind"] == "sft" and "hf/model.safetensors" in run["artifacts"]
+    record = json.loads((two / "run.json").read_text())
+    assert record["kind"] == "sft" and "hf/model.safetensors" in record["artifacts"]
 
 
 def test_recipes_carry_the_spec_numbers(tmp_path):

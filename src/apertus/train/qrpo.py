@@ -302,7 +302,7 @@ def rollouts(recipe: AlignRecipe, tok, folder: Path, d: Dist, date: str) -> dict
         file = folder / f"rank{d.rank:05d}.jsonl"
         _drop_partial_line(file)
         model = load_model(recipe.init_from, dtype=rollout_dtype(t, d.device), device=d.device)
-        reward = build_reward(recipe.reward, date)
+        reward = build_reward(recipe.reward, date, d.device)
         engine = Engine(model, tokenizer=tok, device=d.device, cache_gb=s.cache_gb, max_batch=256)
         autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
         bar = tqdm(total=len(todo), desc="rollouts", unit="prompt", disable=not d.main, dynamic_ncols=True)
@@ -419,7 +419,7 @@ def evaluate(recipe: AlignRecipe, tok, hf: Path, out: Path, date: str, d: Dist) 
     folder.mkdir(exist_ok=True)
     prompts = [rec for rec, _ in load_prompts(tok, recipe.data.eval_prompts, recipe.sampling.max_tokens,
                                               recipe.train.seq_len, date, False)]
-    reward = build_reward(recipe.reward, date)
+    reward = build_reward(recipe.reward, date, d.device)
     try:
         summary = {"prompts": sum("prompt_ids" in p for p in prompts), "reward": dataclasses.asdict(recipe.reward),
                    "loss": recipe.loss.name}
@@ -455,13 +455,17 @@ def align(recipe: AlignRecipe, out_dir: str | Path, d: Dist | None = None) -> di
     for r in records.values():
         if "skipped" in r:
             skipped[r["skipped"]] = skipped.get(r["skipped"], 0) + 1
+    completions = [c for r in records.values() for c in r.get("samples", []) + r.get("candidates", [])]
     stats = {"prompts": len(records), "pairs": len(pairs), "skipped": skipped,
+             "empty_completions": sum(not c["text"].strip() for c in completions),  # scored, never trained on
+             "truncated_completions": sum(c["finish_reason"] == "length" for c in completions),
              "ref_mean_reward": _mean([x for r in records.values() for x in r.get("ref_rewards", [])]),
              "chosen_quantile": _mean([p[1]["quantile"] for p in pairs]),
              "rejected_quantile": _mean([p[2]["quantile"] for p in pairs])}
     log(d, f"align: {len(records):,} prompts -> {len(pairs):,} pairs; skipped "
            + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none")
-           + f"; reference samples' mean reward {stats['ref_mean_reward']:.4f}")
+           + f"; {stats['empty_completions']} empty and {stats['truncated_completions']} cut-off completions of "
+           f"{len(completions):,}; reference samples' mean reward {stats['ref_mean_reward']:.4f}")
     if not pairs:
         raise ValueError(f"align: no training pair (skipped: {skipped}); more samples per prompt or another reward")
     steps = total_steps(t, len(pairs))
@@ -507,6 +511,15 @@ def align(recipe: AlignRecipe, out_dir: str | Path, d: Dist | None = None) -> di
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run(recipe: str | Path | dict, out_dir: str | Path, *, init_from: str | Path | None = None,
+        overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """The Python entry point: an alignment run from a recipe file or dict (see `apertus.train.sft.run`); `init_from`
+    is the SFT checkpoint (π_ref and the starting policy). Resumable; returns the instruct checkpoint out_dir/hf."""
+    from .sft import run as run_any
+
+    return run_any(recipe, out_dir, init_from=init_from, overrides=overrides, kind="align")
 
 
 def main(argv: list[str] | None = None) -> int:

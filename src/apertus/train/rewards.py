@@ -193,12 +193,13 @@ def judge_reward(path: str, rubric: str = "charter", date: str | None = None, de
     return score
 
 
-def build_reward(cfg, date: str | None = None):
-    """The reward function of an align recipe's [reward] table."""
+def build_reward(cfg, date: str | None = None, device=None):
+    """The reward function of an align recipe's [reward] table (models on `device`, e.g. this rank's GPU)."""
+    device = str(device) if device is not None else None
     if cfg.kind == "function":
         return function_reward(cfg.functions)
     if cfg.kind == "model":
-        return model_reward(cfg.path, cfg.batch_size)
+        return model_reward(cfg.path, cfg.batch_size, device)
     if cfg.kind == "judge":
-        return judge_reward(cfg.path, cfg.rubric, date)
+        return judge_reward(cfg.path, cfg.rubric, date, device)
     raise ValueError(f"[reward] kind {cfg.kind!r}: use 'function', 'model' or 'judge'")

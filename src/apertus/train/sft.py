@@ -14,6 +14,7 @@ as an instruct checkpoint (generation config stops on 2, 68, 72; the tokenizer f
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -433,6 +434,37 @@ def sft(recipe: SFTRecipe, out_dir: str | Path, d: Dist | None = None) -> dict:
     return result
 
 
+def _parse(recipe: str | Path | dict, kind: str, overrides=(), init_from: str | Path | None = None):
+    d = copy.deepcopy(recipe) if isinstance(recipe, dict) else load_toml(recipe)
+    for item in overrides:
+        apply_override(d, item)
+    if init_from is not None:  # the checkpoint defines the model: its config and (unless given) its tokenizer
+        d["model"] = {"init_from": str(init_from)}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if kind == "sft":
+        return parse_sft_recipe(d, world), sft
+    from .qrpo import align, parse_align_recipe
+
+    return parse_align_recipe(d, world), align
+
+
+def run(recipe: str | Path | dict, out_dir: str | Path, *, init_from: str | Path | None = None,
+        overrides: list[str] | tuple[str, ...] = (), kind: str = "sft") -> Path:
+    """The Python entry point (the speedrun, notebooks): an SFT run (kind="align": QRPO/DPO) from a recipe file or
+    dict, with `--set`-style overrides ("train.epochs=2") and the starting checkpoint `init_from` (replaces [model]).
+    An existing out_dir resumes. Returns the instruct checkpoint out_dir/hf; RuntimeError if stopped before the end
+    (SIGTERM: the checkpoint is saved and calling again resumes)."""
+    parsed, fn = _parse(recipe, kind, overrides, init_from)
+    try:
+        result = fn(parsed, out_dir)
+    finally:
+        shutdown()
+    hf = Path(out_dir) / parsed.export.dir
+    if not (hf / "model.safetensors").exists():
+        raise RuntimeError(f"{kind}: stopped at step {result['step']} before the end; run again to resume")
+    return hf
+
+
 def main(argv: list[str] | None = None, kind: str = "sft") -> int:
     p = argparse.ArgumentParser(prog=f"python -m apertus.train.{'sft' if kind == 'sft' else 'qrpo'}",
                                 description=f"{kind} from a TOML recipe (under torchrun for several processes)")
@@ -440,18 +472,10 @@ def main(argv: list[str] | None = None, kind: str = "sft") -> int:
     p.add_argument("--out", help="run directory (default runs/<recipe name>); an existing run resumes")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe value")
     args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    if kind == "sft":
-        recipe = load_recipe_file(args.recipe, parse_sft_recipe, world, args.set)
-        run = sft
-    else:
-        from .qrpo import align, parse_align_recipe
-
-        recipe = load_recipe_file(args.recipe, parse_align_recipe, world, args.set)
-        run = align
+    recipe, fn = _parse(args.recipe, kind, args.set)
     try:
-        result = run(recipe, out)
+        result = fn(recipe, out)
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
