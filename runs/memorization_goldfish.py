@@ -88,6 +88,9 @@ def main():
                     "the probe's own tokens)")
     ap.add_argument("--suffix", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    ap.add_argument("--seq-len", type=int, default=1024, help="row length. Goldfish never drops the first h-1 "
+                    "labels of a row (their hash context is cut), so a probe copy that lands there is fully trained: "
+                    "about (h-1)/seq_len of exposures leak (19%% with 256-token rows, 5%% with 1024)")
     ap.add_argument("--set", action="append", default=[], help="extra training overrides (SECTION.KEY=VALUE)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -123,8 +126,9 @@ def main():
 
     lines = [f"# Goldfish on/off: extraction of inserted probes (prefix {args.prefix} / suffix {args.suffix} "
              "tokens)", "",
-             f"Two runs of the tiny recipe ({args.steps} steps of {args.batch_tokens} tokens, {MODEL}), identical but "
-             f"for Goldfish (k = h = 50 vs off), on {args.host_docs} GSM8K problems with Shakespeare probes inserted; "
+             f"Two runs of the tiny recipe ({args.steps} steps of {args.batch_tokens} tokens in {args.seq_len}-token "
+             f"rows, {MODEL}), identical but for Goldfish (k = h = 50 vs off), on {args.host_docs} GSM8K problems "
+             "with Shakespeare probes inserted; "
              f"{epochs:.1f} epochs, so a probe inserted e times was seen about {epochs:.1f}·e times.", ""]
     for name, r in runs.items():
         lines += [M.markdown_table(r["audit"]["table"], name), "",
@@ -140,9 +144,10 @@ MODEL = "2 layers, hidden 128, 8k vocabulary"
 
 
 def training_overrides(args) -> list[str]:
-    """The tiny recipe scaled to a CPU budget: a 2-layer model, 256-token rows, 8k-token batches."""
-    return [f"train.steps={args.steps}", f"train.global_batch_tokens={args.batch_tokens}", "train.seq_len=256",
-            "train.micro_batch=8", "train.log_every=10", "checkpoint.every=100", "eval.every=0",
+    """The tiny recipe scaled to a CPU budget: a 2-layer model, 8k-token batches in one micro-batch."""
+    return [f"train.steps={args.steps}", f"train.global_batch_tokens={args.batch_tokens}",
+            f"train.seq_len={args.seq_len}", f"train.micro_batch={max(1, args.batch_tokens // args.seq_len)}",
+            "train.log_every=10", "checkpoint.every=100", "eval.every=0",
             f"schedule.warmup_tokens={args.steps // 10 * args.batch_tokens}",
             f"schedule.cooldown_tokens={args.steps // 5 * args.batch_tokens}",
             f"optim.t_alpha={args.steps}", f"optim.t_beta3={args.steps}",

@@ -262,3 +262,31 @@ def test_tokenizer_must_fit_the_model(hf_checkpoint, tmp_path):
         load_tokenizer(path, vocab_size=1000)
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
         load_tokenizer(tmp_path, vocab_size=1000)
+
+
+def test_run_eval_on_an_in_memory_model_equals_its_checkpoint(small_checkpoint, tmp_path):
+    """The library entry point (what the speedrun calls mid-training): an in-memory model and its tokenizer score
+    exactly as its saved directory, the model's training mode is restored, the report and charts are written."""
+    from apertus.checkpoint import load_model
+    from apertus.eval import run_eval
+
+    tasks = ["xcopa_it", "flores_bpb", "gsm8k"]
+    kw = dict(limit=2, langs=["deu_Latn", "ita_Latn"], num_fewshot=1, max_tokens=8, max_len=1024, progress=False)
+    from_dir = run_eval(str(small_checkpoint), tasks=tasks, device="cpu", **kw)
+    model = load_model(small_checkpoint, dtype="fp32", device="cpu").train()
+    tok = Tokenizer.from_file(small_checkpoint)
+    out = tmp_path / "report"
+    report = run_eval(model, tok, tasks=tasks, out_dir=out, name="step-100", **kw)
+    assert model.training
+    assert report["model"] == "step-100" and set(report["tasks"]) == set(from_dir["tasks"]) == {
+        "xcopa_it", "flores_bpb_deu_Latn", "flores_bpb_ita_Latn", "gsm8k"}
+    for name, r in report["tasks"].items():
+        for key, value in r.items():
+            assert value == pytest.approx(from_dir["tasks"][name][key], rel=1e-6, nan_ok=True), (name, key)
+    assert report["tasks"]["gsm8k"]["chance"] == 0 and report["tasks"]["xcopa_it"]["chance"] == 0.5
+    assert json.loads((out / "results.json").read_text())["tasks"].keys() == report["tasks"].keys()
+    for chart in ("flores_bpb.png", "summary.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "samples.jsonl").exists()
+    with pytest.raises(ValueError, match="tokenizer"):
+        run_eval(model, None, tasks=["piqa"])

@@ -8,3 +8,7 @@
     harness.py       lm-evaluation-harness model `apertus` (loglikelihood, rolling, generate_until)
     memorization.py  the Goldfish audit: extraction of inserted probes by exposure count
 """
+
+from .suite import evaluate, run_eval  # noqa: E402  (the library entry points)
+
+__all__ = ["evaluate", "run_eval"]

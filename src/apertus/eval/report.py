@@ -63,10 +63,12 @@ def charts(results: dict, out_dir: Path) -> list[Path]:
         by_group.setdefault(group, []).append(name)
 
     def bars(names, rows, title, path):
-        metric = primary_metric(rows[0])
+        metrics = [primary_metric(r) for r in rows]  # the summary mixes acc and exact_match (both in %)
+        metric = metrics[0] if len(set(metrics)) == 1 else "score"
         scale = 1 if metric == "bpb" else 100
-        vals = [r[metric] * scale for r in rows]
-        errs = [0 if math.isnan(r.get(metric + "_stderr", math.nan)) else r[metric + "_stderr"] * scale for r in rows]
+        vals = [r[m] * scale for r, m in zip(rows, metrics, strict=True)]
+        errs = [0 if math.isnan(r.get(m + "_stderr", math.nan)) else r[m + "_stderr"] * scale
+                for r, m in zip(rows, metrics, strict=True)]
         order = sorted(range(len(rows)), key=lambda i: vals[i]) if len(rows) > 12 else range(len(rows))
         names, vals, errs = [names[i] for i in order], [vals[i] for i in order], [errs[i] for i in order]
         chance = [rows[i]["chance"] * scale for i in order]
@@ -77,7 +79,8 @@ def charts(results: dict, out_dir: Path) -> list[Path]:
                   label="chance" if metric != "bpb" else "chance: uniform over the vocabulary")
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=90, fontsize=7 if len(rows) > 40 else 9)
-        ax.set_ylabel("bits per byte (lower is better)" if metric == "bpb" else f"{metric} (%)")
+        ax.set_ylabel("bits per byte (lower is better)" if metric == "bpb" else
+                      "accuracy or exact match (%)" if metric == "score" else f"{metric} (%)")
         ax.set_title(title)
         ax.legend(loc="best")
         fig.tight_layout()

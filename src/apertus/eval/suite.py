@@ -15,7 +15,9 @@ documents are trained; its end-of-document token is not counted.
 from __future__ import annotations
 
 import math
+import os
 
+from ..tokenizer import Tokenizer
 from . import tasks as T
 
 GROUPS = {
@@ -166,13 +168,35 @@ def is_instruct(model_dir) -> bool:
 def evaluate(model, tasks: list[str], *, out=None, limit: int | None = None, langs: list[str] | None = None,
              dtype: str = "fp32", device: str | None = None, tokenizer=None, max_len: int = 4096,
              batch_tokens: int = 8192, bpb_stride: int | None = None, chat: bool | None = None, num_fewshot: int = 8,
-             max_tokens: int = 384, root=None, progress: bool = True) -> dict:
-    """Evaluate a checkpoint directory on `tasks`; write results.json/.md and charts under `out` if given."""
-    from .loglik import Scorer
+             max_tokens: int = 384, root=None, progress: bool = True, name: str | None = None) -> dict:
+    """Evaluate `model` on `tasks`; write results.json/.md and charts under `out` if given.
 
+    `model` is a checkpoint directory or an in-memory `apertus.model.Apertus` (then `tokenizer`, a Tokenizer or a
+    tokenizer.json path, is required, and `dtype`/`device` are left as the model has them)."""
+    from .loglik import Scorer, load_tokenizer
+
+    if isinstance(model, (str, os.PathLike)):
+        name = name or str(model)
+        scorer = Scorer.from_pretrained(model, dtype=dtype, device=device, tokenizer=tokenizer, max_len=max_len,
+                                        batch_tokens=batch_tokens, progress=progress)
+    else:
+        if tokenizer is None:
+            raise ValueError("evaluating an in-memory model needs its tokenizer")
+        if not isinstance(tokenizer, Tokenizer):
+            tokenizer = load_tokenizer(tokenizer=tokenizer, vocab_size=model.config.vocab_size)
+        name = name or f"{type(model).__name__} (in memory)"
+        scorer = Scorer(model, tokenizer, max_len=max_len, batch_tokens=batch_tokens, progress=progress)
+    was_training = scorer.model.training
+    scorer.model.eval()
+    try:
+        return _evaluate(scorer, model, name, tasks, out, limit, langs, dtype, bpb_stride, chat, num_fewshot,
+                         max_tokens, root)
+    finally:
+        scorer.model.train(was_training)
+
+
+def _evaluate(scorer, model, name, tasks, out, limit, langs, dtype, bpb_stride, chat, num_fewshot, max_tokens, root):
     subtasks = resolve(tasks, langs, root)
-    scorer = Scorer.from_pretrained(model, dtype=dtype, device=device, tokenizer=tokenizer, max_len=max_len,
-                                    batch_tokens=batch_tokens, progress=progress)
     results: dict[str, dict] = {}
     if any(k == "mc" for _, k, _ in subtasks.values()):
         results.update(run_mc(lambda pairs: [ll for ll, _ in scorer.loglikelihood(pairs)], subtasks, limit, root))
@@ -184,13 +208,14 @@ def evaluate(model, tasks: list[str], *, out=None, limit: int | None = None, lan
         from ..infer.engine import Engine
         from .generative import engine_generate, run_gen
 
-        chat = is_instruct(model) if chat is None else chat
+        if chat is None:  # an in-memory model is taken for a base model unless told
+            chat = is_instruct(model) if isinstance(model, (str, os.PathLike)) else False
         with Engine(scorer.model, tokenizer=scorer.tokenizer) as engine:
             gen, samples = run_gen(engine_generate(engine), subtasks, chat=chat, tokenizer=scorer.tokenizer,
                                    limit=limit, num_fewshot=num_fewshot, max_tokens=max_tokens, root=root)
         results.update(gen)
-    results = {name: results[name] for name in subtasks if name in results}
-    report = {"model": str(model), "tasks": results, "groups": aggregate(results, subtasks),
+    results = {t: results[t] for t in subtasks if t in results}
+    report = {"model": name, "tasks": results, "groups": aggregate(results, subtasks),
               "config": {"tasks": tasks, "limit": limit, "langs": langs, "dtype": dtype, "max_len": scorer.max_len,
                          "bpb_stride": bpb_stride or scorer.max_len, "chat": chat, "num_fewshot": num_fewshot,
                          "max_tokens": max_tokens}}
@@ -205,3 +230,14 @@ def evaluate(model, tasks: list[str], *, out=None, limit: int | None = None, lan
 
             write_samples(Path(out) / "samples.jsonl", samples)
     return report
+
+
+def run_eval(model, tokenizer=None, tasks: list[str] = ("flores_bpb", "xcopa", "piqa"), out_dir=None,
+             limit: int | None = None, **kwargs) -> dict:
+    """The evaluation as a library call (the speedrun uses it): `model` is a checkpoint directory or an in-memory
+    `Apertus`; `tokenizer` a Tokenizer or tokenizer.json path (None: the checkpoint's). Writes results.json,
+    results.md and PNG charts (per-language bars with error bars and the chance level; summary.png: the task
+    groups against chance) under `out_dir` when given, and returns the report {"model", "tasks", "groups",
+    "config"}. Other keyword arguments are those of `evaluate` (langs, max_len, batch_tokens, chat, num_fewshot,
+    max_tokens, name, progress, ...)."""
+    return evaluate(model, list(tasks), out=out_dir, limit=limit, tokenizer=tokenizer, **kwargs)
