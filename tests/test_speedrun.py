@@ -120,7 +120,7 @@ def test_gguf_reads_back(run):
     expected = sum(".act_fn." not in k for k in hf) + (config.get("rope_scaling") is not None)
     names = [t.name for t in reader.tensors]
     assert len(names) == expected
-    assert sum(n.startswith("blk.") for n in names) == 9 * config["num_hidden_layers"]
+    assert sum(n.startswith("blk.") for n in names) == 10 * config["num_hidden_layers"]  # 4 norms, q k v o, up, down
     alpha_p = reader.fields["xielu.alpha_p"].contents()
     assert len(alpha_p) == config["num_hidden_layers"]
     np.testing.assert_allclose(alpha_p[0], hf["model.layers.0.mlp.act_fn.alpha_p"].item(), rtol=1e-6)
