@@ -314,10 +314,17 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
             shutil.rmtree(folder)
         folder.mkdir(exist_ok=True)
         print(f"\n== [{i}/{len(STAGES)}] {name}  (elapsed {_hms(time.time() - t_run)})", flush=True)
-        t = time.time()
-        fn = globals()[f"stage_{name}"]
-        result = fn(folder, sizes, tokenizer) if name == "tokenizer" else fn(folder, sizes, run)
-        result["seconds"] = round(time.time() - t, 1)
+        t, fn = time.time(), globals()[f"stage_{name}"]
+        # time spent in interrupted attempts counts too (the trainers resume from where those stopped)
+        before = state.setdefault("interrupted", {}).pop(name, 0.0)
+        before = 0.0 if stages else before  # an explicit rerun starts afresh
+        try:
+            result = fn(folder, sizes, tokenizer) if name == "tokenizer" else fn(folder, sizes, run)
+        except BaseException:
+            state["interrupted"][name] = round(before + time.time() - t, 1)
+            _write_json(run / "speedrun.json", state)
+            raise
+        result["seconds"] = round(before + time.time() - t, 1)
         state["stages"][name] = result
         _write_json(run / "speedrun.json", state)
         _write_json(folder / "DONE", result)
