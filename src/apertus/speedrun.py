@@ -46,16 +46,19 @@ CHATS = [
       "hours?"}],
     [{"role": "user", "content": "Was ist die Hauptstadt der Schweiz?"}],
 ]
-FERTILITY_LANGS = ("eng_Latn", "deu_Latn", "fra_Latn", "ita_Latn", "roh_Latn", "spa_Latn", "rus_Cyrl", "arb_Arab",
+FERTILITY_LANGS = ("eng_Latn", "deu_Latn", "fra_Latn", "ita_Latn", "spa_Latn", "rus_Cyrl", "arb_Arab",
                    "hin_Deva", "zho_Hans", "jpn_Jpan", "swh_Latn", "yor_Latn", "tam_Taml")
 
+# QRPO's rule-based reward: the recipe's (correct final answer, GSM8K format ending the turn) plus a small shaping
+# term, so that the tiny model's samples of a question differ in reward more often (ties give no training pair).
+REWARD = 'reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, "apertus.speedrun:mentions_number" = 0.1}'
 # Sizes of the two modes. The full run is ~10 minutes on 2 idle cores; smoke runs every stage in ~2 minutes.
 FULL = {
     "vocab_size": 8192, "tokenizer_mb": 12.0,
     "data": {},
     "pretrain": [],
     "sft": [],
-    "align": ["reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, \"apertus.speedrun:mentions_number\" = 0.1}"],
+    "align": [REWARD],
     "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "xcopa_sw", "xcopa_zh", "piqa"], "langs": list(FERTILITY_LANGS),
                   "limit": 100},
     "eval_chat": {"tasks": ["gsm8k"], "limit": 16, "max_tokens": 160},
@@ -74,7 +77,7 @@ SMOKE = {
     "align": [f"data.prompts=[{_GSM % ('train', 600, 6)}]", f"data.eval_prompts=[{_GSM % ('test', 0, 2)}]",
               "sampling.n=6", "sampling.max_tokens=16", "sampling.eval_n=1", "train.epochs=1", "train.batch_size=2",
               "train.micro_batch=2", "train.log_every=1",
-              "reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, \"apertus.speedrun:mentions_number\" = 0.1}"],
+              REWARD],
     "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "piqa"], "langs": ["eng_Latn", "deu_Latn"], "limit": 4},
     "eval_chat": {"tasks": ["gsm8k"], "limit": 2, "max_tokens": 16},
     "chat_tokens": 16,
