@@ -105,7 +105,7 @@ def plot_losses(run: Path, png: Path) -> bool:
         ax.plot([r[x] for r in train], [r["loss"] for r in train], lw=0.9, label="train")
         for k in sorted({k for r in rows for k in r if k.startswith("val/") and k.endswith("loss")}):
             pts = [(r[x], r[k]) for r in rows if k in r]
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, lw=0.8, label=k[4:].removesuffix("/loss") or "val")
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, lw=0.8, label=k[4:-4].rstrip("/") or "held-out")
         if name == "pretrain":  # where the curriculum switches to code and math
             recipe = _read(run / "pretrain" / "recipe.json", {})
             for st in recipe.get("stages", [])[1:]:
