@@ -8,6 +8,7 @@ tiny models get a ~12k vocabulary with the real tokenisation. Held-out documents
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -39,10 +40,21 @@ def udhr_articles(key: str) -> list[str]:
             for art in root.findall(".//u:article", ns)]
 
 
+CACHE_ENV = "APERTUS_TEST_CORPUS"  # a test's saved corpus(), so its child processes skip the tokenisation
+
+
+def save_corpus(path) -> str:
+    torch.save(vars(corpus()), path)
+    return str(path)
+
+
 @functools.cache
 def corpus(max_vocab: int | None = None) -> Corpus:
     """The corpus; with `max_vocab`, only the most frequent ids are kept and the rest become <unk> (id 0)."""
     import collections
+
+    if max_vocab is None and os.environ.get(CACHE_ENV):
+        return Corpus(**torch.load(os.environ[CACHE_ENV]))
 
     from tokenizers import Tokenizer
 
