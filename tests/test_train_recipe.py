@@ -2,8 +2,6 @@
 batch size, RoPE θ, constant-LR warmup), checkpoint pruning, the `apertus train` / `apertus export` commands."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -144,9 +142,8 @@ def test_export_command_writes_a_transformers_checkpoint_with_tokenizer(tmp_path
     recipe = parse_recipe(train_data.tiny_recipe(steps=4))
     pretrain(recipe, tmp_path / "run", Dist(), make_loader=train_data.make_loader())
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, "-m", "apertus.cli", "export", str(tmp_path / "run"), "--out", str(out),
-                        "--dtype", "bf16", "--tokenizer", str(apertus_tokenizer_json)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert cli(["export", str(tmp_path / "run"), "--out", str(out), "--dtype", "bf16", "--tokenizer",
+                str(apertus_tokenizer_json)]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16 and model.config.vocab_size == recipe.model.vocab_size
