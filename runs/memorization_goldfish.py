@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=1024, help="row length. Goldfish never drops the first h-1 "
                     "labels of a row (their hash context is cut), so a probe copy that lands there is fully trained: "
                     "about (h-1)/seq_len of exposures leak (19%% with 256-token rows, 5%% with 1024)")
+    ap.add_argument("--audit-step", type=int, help="audit the checkpoint of this step (default: the end of the run)")
     ap.add_argument("--set", action="append", default=[], help="extra training overrides (SECTION.KEY=VALUE)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -104,35 +105,51 @@ def main():
         (out / "data.toml").write_text(data_recipe(tok / "tokenizer.json", args.host_docs, args.chars,
                                                   args.per_exposure))
         apertus("data", "build", out / "data.toml", "--out", data)
+    step = args.audit_step or args.steps
     epoch_tokens = _count_tokens(data)
-    epochs = args.steps * args.batch_tokens / epoch_tokens  # each probe copy is seen once per epoch
+    epochs = step * args.batch_tokens / epoch_tokens  # each probe copy is seen once per epoch
 
     runs = {}
     for name, k in (("goldfish-off", 0), ("goldfish-on", 50)):
-        run, hf = out / name, out / f"{name}-hf"
+        run, hf = out / name, out / (f"{name}-hf" + (f"-step{step}" if args.audit_step else ""))
+        ckpt = run / "checkpoints" / f"step_{step:08d}"
         if not (hf / "config.json").exists():
-            sets = [f"data.dataset={data}", f"train.goldfish_k={k}", *training_overrides(args), *args.set]
-            apertus("train", ROOT / "recipes" / "tiny.toml", "--out", run, *sum((["--set", s] for s in sets), []))
-            apertus("export", run, "--out", hf, "--dtype", "fp32")
-        audit = out / f"{name}-audit"
+            if not (ckpt / "state.json").exists():
+                sets = [f"data.dataset={data}", f"train.goldfish_k={k}", *training_overrides(args), *args.set]
+                apertus("train", ROOT / "recipes" / "tiny.toml", "--out", run,
+                        *sum((["--set", s] for s in sets), []))
+            apertus("export", ckpt, "--out", hf, "--dtype", "fp32")
+        audit = out / f"{hf.name}-audit-{args.prefix}-{args.suffix}"
         if not (audit / "memorization.json").exists():
             apertus("eval", "memorization", hf, "--probes", data, "--prefix", args.prefix, "--suffix", args.suffix,
                     "--out", audit)
-        held_out = out / f"{name}-eval"
+        held_out = out / f"{hf.name}-eval"
         if not (held_out / "results.json").exists():  # never trained on
             apertus("eval", hf, "--tasks", "flores_bpb_eng_Latn", "--out", held_out)
         runs[name] = {"audit": json.loads((audit / "memorization.json").read_text()),
-                      "bpb": json.loads((held_out / "results.json").read_text())["tasks"]["flores_bpb_eng_Latn"]}
+                      "bpb": json.loads((held_out / "results.json").read_text())["tasks"]["flores_bpb_eng_Latn"],
+                      "dropped": dropped_tokens(hf, data, args.prefix, args.suffix)}
 
     lines = [f"# Goldfish on/off: extraction of inserted probes (prefix {args.prefix} / suffix {args.suffix} "
              "tokens)", "",
              f"Two runs of the tiny recipe ({args.steps} steps of {args.batch_tokens} tokens in {args.seq_len}-token "
-             f"rows, {MODEL}), identical but for Goldfish (k = h = 50 vs off), on {args.host_docs} GSM8K problems "
+             f"rows, {MODEL}; audited at step {step}), identical but for Goldfish (k = h = 50 vs off), on "
+             f"{args.host_docs} GSM8K problems "
              "with Shakespeare probes inserted; "
              f"{epochs:.1f} epochs, so a probe inserted e times was seen about {epochs:.1f}·e times.", ""]
     for name, r in runs.items():
         lines += [M.markdown_table(r["audit"]["table"], name), "",
                   f"FLORES English bits per byte: {r['bpb']['bpb']:.4f} ± {r['bpb']['bpb_stderr']:.4f}", ""]
+    lines += ["**Goldfish-dropped positions of the audited suffixes** (the hash of the 50 probe tokens ending at a "
+              "position says whether Goldfish drops it; teacher-forced: is the true token the model's argmax?)", "",
+              "| exposures | suffix tokens | dropped by the hash | " + " | ".join(
+                  f"{n}: argmax right on dropped | {n}: argmax right on all" for n in runs) + " |",
+              "|---|---|---|" + "---|---|" * len(runs)]
+    for e, row in runs["goldfish-off"]["dropped"].items():
+        cells = [f"{d['right_dropped']}/{row['dropped']} | {d['right_all'] / row['tokens']:.2f}"
+                 for d in (r["dropped"][e] for r in runs.values())]
+        lines.append(f"| {e or 'control'} | {row['tokens']} | {row['dropped']} | " + " | ".join(cells) + " |")
+    lines.append("")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     tables = {name: r["audit"]["table"] for name, r in runs.items()}
     M.plot(tables, out / "memorization.png")
@@ -153,6 +170,31 @@ def training_overrides(args) -> list[str]:
             f"optim.t_alpha={args.steps}", f"optim.t_beta3={args.steps}",
             "model.hidden_size=128", "model.num_hidden_layers=2", "model.intermediate_size=512",
             "model.num_attention_heads=2", "model.num_key_value_heads=1"]
+
+
+def dropped_tokens(hf: Path, data: Path, prefix: int, suffix: int) -> dict:
+    """Per exposure count: the audited suffix positions, how many the Goldfish hash drops, and how many of those
+    (and of all) the model predicts right given the true text before them (teacher forcing)."""
+    import torch
+
+    from apertus.checkpoint import load_model
+    from apertus.tokenizer import Tokenizer
+    from apertus.train.loss import goldfish_mask
+
+    model = load_model(hf, dtype="fp32", device="cpu").eval()
+    tok = Tokenizer.from_file(hf)
+    rows: dict[int, dict] = {}
+    for p in M.load_probes(data):
+        ids = torch.tensor(tok.encode(p["text"], bos=False)[:prefix + suffix])
+        drop = ~goldfish_mask(ids)[prefix:]  # the hash window of a suffix token lies inside the probe (prefix >= h)
+        with torch.no_grad():
+            right = (model(ids[None, :-1])[0].argmax(-1) == ids[1:])[prefix - 1:]
+        r = rows.setdefault(p["exposure"], {"tokens": 0, "dropped": 0, "right_dropped": 0, "right_all": 0})
+        r["tokens"] += len(drop)
+        r["dropped"] += int(drop.sum())
+        r["right_dropped"] += int((right & drop).sum())
+        r["right_all"] += int(right.sum())
+    return dict(sorted(rows.items()))
 
 
 def _count_tokens(data: Path) -> int:
