@@ -617,7 +617,11 @@ def _add_compliance_commands(sub) -> None:
 def cmd_speedrun(args) -> int:
     from .speedrun import speedrun
 
-    speedrun(args.out, smoke=args.smoke, tokenizer=args.tokenizer, stages=_csv(args.stages))
+    try:
+        speedrun(args.out, smoke=args.smoke, tokenizer=args.tokenizer, stages=_csv(args.stages))
+    except RuntimeError as e:  # a stage stopped early (SIGTERM) or a command failed: rerunning resumes
+        print(f"apertus speedrun: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
