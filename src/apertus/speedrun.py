@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from itertools import zip_longest
@@ -87,7 +88,7 @@ SMOKE = {
 def mentions_number(messages, completion: str, meta: dict) -> float:
     """Rule-based shaping reward: the reply states a number at all (a tiny model rarely gets the answer right, so
     without it most prompts give QRPO no signal)."""
-    return float(any(ch.isdigit() for ch in completion))
+    return float(re.search(r"\d", re.sub(r"<[^<>\s]*>", "", completion)) is not None)  # not inside <SPECIAL_12>
 
 
 # --- bookkeeping ------------------------------------------------------------------------------------------------------
