@@ -50,22 +50,22 @@ CHATS = [
 FERTILITY_LANGS = ("eng_Latn", "deu_Latn", "fra_Latn", "ita_Latn", "spa_Latn", "rus_Cyrl", "arb_Arab",
                    "hin_Deva", "zho_Hans", "jpn_Jpan", "swh_Latn", "yor_Latn", "tam_Taml")
 
-# QRPO's rule-based reward: the recipe's (correct final answer, GSM8K format ending the turn) plus a small shaping
+# QRPO's rule-based reward: the recipe's (correct final answer, GSM8K format ending the turn) plus a graded shaping
 # term, so that the tiny model's samples of a question differ in reward more often (ties give no training pair).
-REWARD = 'reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, "apertus.speedrun:mentions_number" = 0.1}'
+REWARD = 'reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, "apertus.speedrun:answer_closeness" = 0.2}'
+_GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
 # Sizes of the two modes. The full run is ~10 minutes on 2 idle cores; smoke runs every stage in ~2 minutes.
 FULL = {
     "vocab_size": 8192, "tokenizer_mb": 12.0,
     "data": {},
     "pretrain": [],
-    "sft": [],
+    "sft": [f"data.sources=[{_GSM % ('train', 0, 300)}]"],  # half of recipes/sft_tiny.toml: 28 steps
     "align": [REWARD],
     "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "xcopa_sw", "xcopa_zh", "piqa"], "langs": list(FERTILITY_LANGS),
                   "limit": 100},
     "eval_chat": {"tasks": ["gsm8k"], "limit": 16, "max_tokens": 160},
     "chat_tokens": 160,
 }
-_GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
 SMOKE = {
     "vocab_size": 2048, "tokenizer_mb": 1.0, "fertility_langs": FERTILITY_LANGS,
     "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2},
@@ -85,10 +85,19 @@ SMOKE = {
 }
 
 
-def mentions_number(messages, completion: str, meta: dict) -> float:
-    """Rule-based shaping reward: the reply states a number at all (a tiny model rarely gets the answer right, so
-    without it most prompts give QRPO no signal)."""
-    return float(re.search(r"\d", re.sub(r"<[^<>\s]*>", "", completion)) is not None)  # not inside <SPECIAL_12>
+def answer_closeness(messages, completion: str, meta: dict) -> float:
+    """Rule-based shaping reward in [0, 1]: how close the reply's final number (the `#### N` line, else its last
+    number) is to the reference answer, 1 - |got - ref| / max(|ref|, 1), 0 without a number. A tiny model is rarely
+    exactly right, so without a graded term most questions' samples tie and give QRPO no training pair."""
+    from .train.chat_data import gsm8k_answer
+
+    text = re.sub(r"<[^<>\s]*>", "", completion)  # not the digits of <SPECIAL_12> markup
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    try:
+        got, ref = float(gsm8k_answer(text) or numbers[-1]), float(meta["answer"].replace(",", ""))
+    except (IndexError, KeyError, ValueError, AttributeError):
+        return 0.0
+    return max(0.0, 1.0 - abs(got - ref) / max(abs(ref), 1.0))
 
 
 # --- bookkeeping ------------------------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def _eval_tables(run: Path) -> list[str]:
             lines += [f"### The {what}", ""] + [line.replace("## ", "#### ", 1) for line in md[2:]] + [""]
     summary = _read(run / "align" / "eval" / "summary.json")
     if summary:
-        lines += ["### QRPO: held-out mean reward (rule-based: correct answer, GSM8K format, states a number)", "",
+        lines += ["### QRPO: held-out mean reward (rule-based: correct answer, GSM8K format, closeness of the "
+                  "number)", "",
                   "| model | mean reward | ended its turn | mean tokens | samples |", "|---|---:|---:|---:|---:|"]
         for k in ("reference", "policy"):
             r = summary[k]
