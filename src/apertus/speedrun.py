@@ -281,7 +281,9 @@ def stage_chat(out: Path, sizes: dict, run: Path) -> dict:
     rows = []
     with Engine(str(run / "export" / "hf"), dtype="fp32") as engine:
         prompts = [encode_chat(engine.tokenizer, m, add_generation_prompt=True, date="2025-09-02")[0] for m in CHATS]
-        params = SamplingParams(temperature=0.0, max_tokens=sizes["chat_tokens"], stop_token_ids=list(STOP_IDS))
+        # greedy; the penalty keeps a 4M-parameter model from looping on one token
+        params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=sizes["chat_tokens"],
+                                stop_token_ids=list(STOP_IDS))
         for messages, req in zip(CHATS, engine.generate(prompts, params), strict=True):
             req.result()
             rows.append({"messages": messages, "reply": req.text, "finish_reason": req.finish_reason,

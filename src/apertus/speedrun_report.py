@@ -150,8 +150,8 @@ def _chats(run: Path) -> list[str]:
     rows = _read(run / "chat" / "chats.json")
     if not rows:
         return ["(no chat stage yet)"]
-    lines = ["Greedy decoding through `apertus.infer.Engine` from the exported checkpoint (`export/hf`), the "
-             "Apertus chat template:", ""]
+    lines = ["Greedy decoding (repetition penalty 1.3) through `apertus.infer.Engine` from the exported checkpoint "
+             "(`export/hf`), in the Apertus chat format:", ""]
     for r in rows:
         for m in r["messages"]:
             lines.append(f"> **{m['role']}**: {m['content']}  ")
