@@ -172,8 +172,61 @@ def _add_data_commands(sub) -> None:
 # === pretraining and export (issue 5) ================================================================================
 
 
+def cmd_train(args) -> int:
+    if args.nproc > 1 and not args.dry_run:  # one process per device under torchrun (gloo on CPU, NCCL on GPUs)
+        import subprocess
+
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                "-m", "apertus.train", args.recipe] + _train_argv(args)
+        return subprocess.call(argv)
+    from .train.pretrain import main
+
+    return main([args.recipe] + _train_argv(args) + (["--gpus", str(args.gpus or args.nproc)] if args.dry_run else []))
+
+
+def _train_argv(args) -> list[str]:
+    argv = ["--out", args.out] if args.out else []
+    for item in args.set:
+        argv += ["--set", item]
+    return argv + (["--dry-run", "--gpu-memory", str(args.gpu_memory)] if args.dry_run else [])
+
+
+def cmd_export(args) -> int:
+    from .train import checkpointing as ck
+
+    if args.format == "hf" and args.dtype == "f16":
+        raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
+    out = args.out or ck.default_export_path(args.checkpoint, args.format, args.dtype)
+    if args.format == "gguf":
+        out = ck.export_checkpoint_gguf(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
+        print(f"wrote {out} (GGUF for llama.cpp, {args.dtype})")
+    else:
+        out = ck.export_checkpoint(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
+        print(f"wrote {out} (Hugging Face Apertus checkpoint, {args.dtype})")
+    return 0
+
+
 def _add_train_commands(sub) -> None:
-    pass
+    s = sub.add_parser("train", help="pretrain from a TOML recipe (resumes from the newest checkpoint in --out)")
+    s.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny.toml")
+    s.add_argument("--nproc", type=int, default=1, help="processes (devices) on this machine, via torchrun")
+    s.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
+    s.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan (steps, tokens, "
+                   "FLOPs, memory per GPU); train nothing")
+    s.add_argument("--gpus", type=int, help="GPU count the plan is made for (default --nproc)")
+    s.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan checks against")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face Apertus checkpoint or GGUF")
+    s.add_argument("checkpoint", help="checkpoint folder (runs/X/checkpoints/step_N), or a run folder (newest)")
+    s.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a directory transformers loads; gguf: one file llama.cpp loads")
+    s.add_argument("--out", help="output directory (hf) or .gguf file (default: RUN/export/...)")
+    s.add_argument("--dtype", choices=["bf16", "fp32", "f16"], default="bf16", help="weights (f16: gguf only)")
+    s.add_argument("--tokenizer", help="tokenizer.json to include (default: the run's tokenizer/)")
+    s.set_defaults(func=cmd_export)
 
 
 # === inference: generate, chat (issue 6) =============================================================================

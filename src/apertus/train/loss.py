@@ -1,0 +1,171 @@
+"""Training losses: the Goldfish mask as Apertus ran it (SPEC §3) and a chunked, masked cross-entropy.
+
+`linear_cross_entropy` takes the final hidden states and the lm_head weight instead of logits: it walks the rows in
+chunks, so the (tokens × vocabulary) logits of a long row never all exist at once, and it computes the gradients of
+each chunk while its logits are at hand (no second pass over the vocabulary in backward).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+GOLDFISH_TABLE_SIZE = 1_000_003
+GOLDFISH_SEED = 2971215073
+
+
+@functools.cache
+def _goldfish_table(device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(GOLDFISH_SEED)  # the CPU generator, as in Megatron's dataset code
+    return torch.rand(GOLDFISH_TABLE_SIZE, generator=g).to(device)
+
+
+def goldfish_mask(labels: torch.Tensor, k: int = 50, h: int = 50) -> torch.Tensor:
+    """True where a label counts in the loss; False for the ≈1/k of tokens Goldfish drops.
+
+    A token is dropped when table[key] < 1/k, key = int64 product (wrapping) of the h labels ending at it, modulo
+    the table size; the first h−1 positions of each row are never dropped. Works on (T,) or (B, T) labels.
+    """
+    keep = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    if not k or labels.shape[-1] < h:
+        return keep
+    keys = labels.long().unfold(-1, h, 1).prod(dim=-1) % GOLDFISH_TABLE_SIZE
+    drop = _goldfish_table(str(labels.device))[keys] < 1 / k
+    keep[..., h - 1:] = ~drop
+    return keep
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    return max(64, 2**25 // vocab_size)  # ~128 MB of fp32 logits per chunk
+
+
+def _chunked_ce(h, w, labels, weights, chunk, need_h, need_w):
+    """Loss sum, and (when asked) the gradients of h and W, one chunk of rows at a time."""
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+    for s in range(0, h.shape[0], chunk):
+        hc, y, wt = h[s:s + chunk], labels[s:s + chunk], weights[s:s + chunk]
+        logits = (hc @ w.T).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        target = logits.gather(1, y[:, None]).squeeze(1)
+        loss += ((lse - target) * wt).sum()
+        if need_h or need_w:  # dCE/dlogits = softmax − onehot, times the token's weight
+            g = logits.sub_(lse[:, None]).exp_()
+            g.scatter_add_(1, y[:, None], torch.full_like(target, -1.0)[:, None])
+            g = g.mul_(wt[:, None]).to(h.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = g @ w
+            if need_w:
+                grad_w += g.T @ hc
+    return loss, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ_i w_i · CE(h_i·Wᵀ, y_i); the gradients are computed in forward and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, weights, chunk, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grad_h, grad_w = _chunked_ce(hidden.to(dtype), weight.to(dtype), labels, weights, chunk,
+                                               hidden.requires_grad, weight.requires_grad)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         mask: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Sum over tokens of mask · cross-entropy(hidden @ weightᵀ, labels), in fp32 (a scalar tensor).
+
+    hidden (..., d), weight (V, d), labels and mask (...). Labels < 0 count as masked. The matmuls run in the
+    autocast dtype when autocast is on (else in hidden's dtype); log-softmax is in fp32.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    weights = torch.ones_like(labels, dtype=torch.float32) if mask is None else mask.reshape(-1).float()
+    weights = torch.where(labels >= 0, weights, 0.0)
+    labels = labels.clamp_min(0)
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    chunk = chunk_rows or default_chunk_rows(weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, labels, weights, chunk, dtype)
+    with torch.autocast(dev, enabled=False):
+        return _chunked_ce(hidden.to(dtype), weight.to(dtype), labels, weights, chunk, False, False)[0]
+
+
+@torch.no_grad()
+def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk_rows: int | None = None) -> torch.Tensor:
+    """Per-token cross-entropy (fp32, labels' shape) without gradients, chunked like `linear_cross_entropy`."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).clamp_min(0)
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    chunk = chunk_rows or default_chunk_rows(weight.shape[0])
+    out = torch.empty(y.shape, dtype=torch.float32, device=h.device)
+    with torch.autocast(dev, enabled=False):
+        w = weight.to(dtype)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk].to(dtype) @ w.T).float()
+            out[s:s + chunk] = torch.logsumexp(logits, -1) - logits.gather(1, y[s:s + chunk, None]).squeeze(1)
+    return out.view(labels.shape)
+
+
+# --- language-model loss of a packed batch (PackedLoader contract, CONTRACTS.md) ------------------------------------
+
+
+def lm_loss(model, batch: dict, goldfish: tuple[int, int] | None = (50, 50), document_masking: bool = True,
+            chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ masked cross-entropy, number of counted tokens) of one micro-batch.
+
+    Counted tokens: `loss_mask` (EoD inputs and padding excluded) AND the Goldfish mask of the labels. With
+    document masking, attention stays inside each packed document and positions restart per document (Megatron
+    --reset-attention-mask --reset-position-ids); without it (the 64k stage), rows are plain causal sequences.
+    """
+    from ..model import document_mask
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch["loss_mask"]
+    if goldfish:
+        mask = mask & goldfish_mask(labels, *goldfish)
+    if document_masking:
+        pos = batch["position_ids"]
+        hidden = model.hidden_states(ids, position_ids=pos, attn_mask=document_mask(pos))
+    else:
+        hidden = model.hidden_states(ids)
+    return linear_cross_entropy(hidden, model.lm_head.weight, labels, mask, chunk_rows), mask.sum()
+
+
+# --- bits per byte ----------------------------------------------------------------------------------------------------
+
+
+def token_byte_lengths(tokenizer_json: str, vocab_size: int | None = None) -> torch.Tensor:
+    """UTF-8 bytes of each token id of a byte-level BPE tokenizer.json; 0 for special tokens (not text).
+
+    Vocabulary pieces are written one character per byte (the GPT-2 byte-to-unicode map); added tokens hold raw text.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    n = vocab_size or tok.get_vocab_size()
+    out = torch.zeros(n, dtype=torch.long)
+    ids, lengths = [], []
+    for piece, i in tok.get_vocab(with_added_tokens=False).items():
+        if i < n:
+            ids.append(i)
+            lengths.append(len(piece))
+    out[ids] = torch.tensor(lengths)
+    for i, t in tok.get_added_tokens_decoder().items():
+        if i < n:
+            out[i] = 0 if t.special else len(t.content.encode())
+    return out

@@ -1,0 +1,359 @@
+"""Pretraining recipes: TOML tables → checked dataclasses, stage arithmetic, and the `--dry-run` plan.
+
+    [model]       preset + overrides (apertus.config.model_config_from), optional init_from = HF checkpoint dir
+    [data]        dataset = built dataset dir (PackedLoader), tokenizer = tokenizer.json (bits per byte, export)
+    [train]       seq_len, global_batch_tokens, micro_batch, steps or tokens, dtype, grad_clip, Goldfish k/h, ...
+    [optim]       AdEMAMix or AdamW hyperparameters
+    [schedule]    WSD over tokens: warmup_tokens, warmup_init, cooldown_tokens, decay, min_lr
+    [checkpoint]  every, keep_last, permanent_every
+    [eval]        every, batches
+    [[stages]]    curriculum and long-context stages, in order (none: one stage of [train]'s length)
+
+A stage lasts `steps` optimizer steps (or `tokens`); it names its data stage and data seed, and may change the
+sequence length, global batch, micro-batch, RoPE θ, document masking, and the learning rate (a stage with `lr` warms
+up over `warmup_steps` to that constant LR instead of following the WSD schedule, as the long-context stages do).
+The data stream restarts (new stage, new seed) only where the data stage, seed or sequence length changes, so a
+stage that only changes the batch size continues the same stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ApertusConfig, load_config, load_toml, model_config_from
+from .optim import DECAYS, wsd
+
+
+@dataclass
+class Data:
+    dataset: str | None = None
+    tokenizer: str | None = None
+
+
+@dataclass
+class Train:
+    seq_len: int = 4096
+    global_batch_tokens: int = 4096 * 1024
+    micro_batch: int = 1
+    steps: int = 0  # length when there are no [[stages]] (or tokens)
+    tokens: int = 0
+    seed: int = 0
+    dtype: str = "bf16"
+    grad_clip: float = 0.1
+    goldfish_k: int = 50  # 0 turns Goldfish off
+    goldfish_h: int = 50
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp_param_dtype: str = "fp32"  # "bf16": all-gather bf16 copies (fp32 masters, fp32 reduction)
+    log_every: int = 1
+    peak_flops: float = 0.0  # per device, for MFU; 0: 989 TFLOP/s on GPUs, measured on CPU
+
+
+@dataclass
+class Optim:
+    name: str = "ademamix"
+    lr: float = 1.1e-4
+    min_lr: float = 1.1e-5
+    betas: list = field(default_factory=lambda: [0.9, 0.999, 0.9999])
+    alpha: float = 8.0
+    t_alpha: int = 0  # 0: no warmup
+    t_beta3: int = 0
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class Schedule:
+    warmup_tokens: int = 0
+    warmup_init: float = 0.0  # fraction of the peak LR the warmup starts from
+    cooldown_tokens: int = 0
+    decay: str = "1-sqrt"
+
+
+@dataclass
+class Checkpoint:
+    every: int = 0
+    keep_last: int = 2
+    permanent_every: int = 0
+
+
+@dataclass
+class Eval:
+    every: int = 0
+    batches: int = 4  # micro-batches per rank and language
+    languages: list = field(default_factory=list)  # held-out languages (codes of the dataset); []: the 4 largest
+
+
+@dataclass
+class Stage:
+    name: str = ""
+    steps: int = 0
+    tokens: int = 0
+    data: str | None = None  # data stage of the built dataset; None: all of it
+    seed: int | None = None  # data seed; None: [train] seed
+    seq_len: int | None = None
+    global_batch_tokens: int | None = None
+    micro_batch: int | None = None
+    rope_theta: float | None = None
+    document_masking: bool = True
+    lr: float | None = None
+    warmup_steps: int = 0
+    # derived
+    start_tokens: int = 0
+    start_step: int = 0
+
+
+@dataclass
+class Recipe:
+    model: ApertusConfig
+    init_from: str | None
+    data: Data
+    train: Train
+    optim: Optim
+    schedule: Schedule
+    checkpoint: Checkpoint
+    eval: Eval
+    stages: list[Stage]
+
+    @property
+    def steps(self) -> int:
+        return self.stages[-1].start_step + self.stages[-1].steps
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.steps * s.global_batch_tokens for s in self.stages)
+
+    @property
+    def schedule_tokens(self) -> int:
+        """Tokens of the stages that follow the WSD schedule (its 'total')."""
+        return sum(s.steps * s.global_batch_tokens for s in self.stages if s.lr is None)
+
+    def stage_at(self, step: int) -> int:
+        for i in range(len(self.stages) - 1, -1, -1):
+            if step >= self.stages[i].start_step:
+                return i
+        return 0
+
+    def lr_at(self, step: int, tokens: int) -> float:
+        st = self.stages[self.stage_at(step)]
+        if st.lr is not None:  # long-context stage: warmup to a constant LR
+            k = step - st.start_step
+            return st.lr * min(1.0, k / st.warmup_steps) if st.warmup_steps else st.lr
+        o, s = self.optim, self.schedule
+        return wsd(tokens, peak=o.lr, total=self.schedule_tokens, warmup=s.warmup_tokens, cooldown=s.cooldown_tokens,
+                   min_lr=o.min_lr, warmup_init=s.warmup_init, decay=s.decay)
+
+
+def _table(cls, d: Any, where: str):
+    if d is None:
+        return cls()
+    if not isinstance(d, dict):
+        raise ValueError(f"recipe: [{where}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("start_tokens", "start_step")}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"recipe: [{where}] unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    out = {}
+    for k, v in d.items():
+        kind = known[k].type  # the annotation, as a string
+        if kind.startswith("bool"):
+            if not isinstance(v, bool):
+                raise ValueError(f"recipe: [{where}] {k} must be true or false, got {v!r}")
+        elif kind.startswith(("int", "float")):
+            if v is None and "None" in kind:
+                pass
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"recipe: [{where}] {k} must be a number, got {v!r}")
+            elif kind.startswith("int"):
+                if v != int(v):
+                    raise ValueError(f"recipe: [{where}] {k} must be a whole number, got {v!r}")
+                v = int(v)
+            else:
+                v = float(v)
+        elif kind.startswith("str") and not (isinstance(v, str) or (v is None and "None" in kind)):
+            raise ValueError(f"recipe: [{where}] {k} must be a string, got {v!r}")
+        elif kind == "list" and not isinstance(v, list):
+            raise ValueError(f"recipe: [{where}] {k} must be a list, got {v!r}")
+        out[k] = v
+    return cls(**out)
+
+
+def parse_recipe(d: dict, world_size: int = 1) -> Recipe:
+    """Check a recipe table; every error names the offending key. `world_size` is the number of ranks."""
+    sections = {"model", "data", "train", "optim", "schedule", "checkpoint", "eval", "stages"}
+    unknown = sorted(set(d) - sections)
+    if unknown:
+        raise ValueError(f"recipe: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(sections))})")
+    model_table = dict(d.get("model") or {"preset": "tiny"})
+    init_from = model_table.pop("init_from", None)
+    if init_from:  # the architecture is the checkpoint's; other [model] keys override it (e.g. rope_theta)
+        if "preset" in model_table:
+            raise ValueError("recipe: [model] give preset or init_from, not both")
+        unknown = sorted(set(model_table) - {f.name for f in dataclasses.fields(ApertusConfig)})
+        if unknown:
+            raise ValueError(f"recipe: [model] unknown key(s) {', '.join(unknown)}")
+        model = dataclasses.replace(load_config(init_from), **model_table)
+    else:
+        model = model_config_from(model_table)
+    r = Recipe(model=model, init_from=init_from, data=_table(Data, d.get("data"), "data"),
+               train=_table(Train, d.get("train"), "train"), optim=_table(Optim, d.get("optim"), "optim"),
+               schedule=_table(Schedule, d.get("schedule"), "schedule"),
+               checkpoint=_table(Checkpoint, d.get("checkpoint"), "checkpoint"),
+               eval=_table(Eval, d.get("eval"), "eval"), stages=[])
+    t = r.train
+    raw = d.get("stages") or [{"name": "main", "steps": t.steps, "tokens": t.tokens}]
+    if not isinstance(raw, list):
+        raise ValueError("recipe: stages must be an array of tables ([[stages]])")
+    start_step = start_tokens = 0
+    for i, table in enumerate(raw):
+        s = _table(Stage, table, f"stages.{i}")
+        s.name = s.name or f"stage{i + 1}"
+        for key in ("seq_len", "global_batch_tokens", "micro_batch"):
+            if getattr(s, key) is None:
+                setattr(s, key, getattr(t, key))
+        if s.seed is None:
+            s.seed = t.seed
+        where = f"stages.{i} ({s.name})"
+        _check(s.seq_len > 0 and s.micro_batch > 0 and s.global_batch_tokens > 0, f"[{where}] seq_len, micro_batch "
+               "and global_batch_tokens must be positive")
+        _check(s.seq_len <= model.max_position_embeddings, f"[{where}] seq_len {s.seq_len} exceeds the model's "
+               f"max_position_embeddings {model.max_position_embeddings}")
+        per_step = s.seq_len * s.micro_batch * world_size
+        _check(s.global_batch_tokens % per_step == 0, f"[{where}] global_batch_tokens {s.global_batch_tokens:,} is not "
+               f"divisible by seq_len x micro_batch x ranks = {s.seq_len} x {s.micro_batch} x {world_size}")
+        if s.steps and s.tokens:
+            raise ValueError(f"recipe: [{where}] give steps or tokens, not both")
+        s.steps = s.steps or math.ceil(s.tokens / s.global_batch_tokens)
+        s.tokens = s.steps * s.global_batch_tokens
+        _check(s.steps > 0, f"[{where}] needs steps or tokens > 0 (or [train] steps/tokens when there are no stages)")
+        _check(s.lr is None or s.lr >= 0, f"[{where}] lr must be >= 0")
+        s.start_step, s.start_tokens = start_step, start_tokens
+        start_step += s.steps
+        start_tokens += s.tokens
+        r.stages.append(s)
+    o = r.optim
+    _check(o.name in ("ademamix", "adamw"), f"[optim] name {o.name!r} must be 'ademamix' or 'adamw'")
+    _check(len(o.betas) == (3 if o.name == "ademamix" else 2) or (o.name == "adamw" and len(o.betas) == 3),
+           "[optim] betas must have three values for AdEMAMix (two for AdamW)")
+    _check(all(0 <= b < 1 for b in o.betas), f"[optim] betas {o.betas} must lie in [0, 1)")
+    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"[optim] need lr > 0 and 0 <= min_lr <= lr (lr {o.lr}, "
+           f"min_lr {o.min_lr})")
+    _check(r.schedule.decay in DECAYS, f"[schedule] decay {r.schedule.decay!r} must be one of {', '.join(DECAYS)}")
+    _check(r.schedule.warmup_tokens + r.schedule.cooldown_tokens <= max(r.schedule_tokens, 1),
+           "[schedule] warmup_tokens + cooldown_tokens exceed the tokens of the scheduled stages "
+           f"({r.schedule_tokens:,})")
+    _check(t.dtype in ("bf16", "fp32"), f"[train] dtype {t.dtype!r} must be 'bf16' or 'fp32'")
+    _check(t.fsdp_param_dtype in ("bf16", "fp32"), f"[train] fsdp_param_dtype {t.fsdp_param_dtype!r} must be "
+           "'bf16' or 'fp32'")
+    _check(t.goldfish_k >= 0 and t.goldfish_h >= 1, "[train] goldfish_k must be >= 0 (0 = off), goldfish_h >= 1")
+    _check(r.checkpoint.keep_last >= 1, "[checkpoint] keep_last must be >= 1")
+    return r
+
+
+def _check(ok: bool, message: str):
+    if not ok:
+        raise ValueError(f"recipe: {message}")
+
+
+def load_recipe(path, world_size: int = 1, overrides: list[str] = ()) -> Recipe:
+    """Read a TOML recipe; `overrides` are `section.key=value` strings (TOML values) applied first."""
+    d = load_toml(path)
+    for item in overrides:
+        apply_override(d, item)
+    return parse_recipe(d, world_size)
+
+
+def apply_override(d: dict, item: str):
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ValueError(f"override {item!r}: expected section.key=value (e.g. train.steps=100)")
+    key, value = item.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare string, e.g. a path
+    *path, last = key.strip().split(".")
+    node = d
+    for p in path:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    node[last] = parsed
+
+
+# --- the plan (--dry-run) --------------------------------------------------------------------------------------------
+
+
+def activation_bytes(cfg: ApertusConfig, tokens: int, checkpointing: bool) -> float:
+    """Rough bf16-autocast activation memory of one micro-batch (±30%): per token and layer ≈ 58·d + 24·kv + 12·ffn
+    bytes saved for backward (fp32 residual stream and norms, bf16 matmul inputs, xIELU intermediates); with
+    checkpointing only each block's fp32 input is kept, plus one block's worth during its recomputation."""
+    d, kv, f, L = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size, cfg.num_hidden_layers
+    per_layer = (58 * d + 24 * kv + 12 * f) * tokens
+    return (L * 4 * d * tokens + per_layer) if checkpointing else L * per_layer
+
+
+def memory_per_gpu(r: Recipe, gpus: int, stage: Stage) -> dict[str, float]:
+    """Bytes per GPU under FSDP over `gpus` ranks: sharded fp32 weights, gradients and optimizer state, the
+    gathered blocks, activations of one micro-batch, and the logits chunk of the loss."""
+    from .loss import default_chunk_rows
+
+    cfg = r.model
+    n = cfg.num_params()
+    opt_bytes = 12 if r.optim.name == "ademamix" else 8
+    pbytes = 2 if r.train.fsdp_param_dtype == "bf16" else 4
+    embed = 2 * cfg.vocab_size * cfg.hidden_size
+    block = (n - embed) / cfg.num_hidden_layers
+    gathered = 2 * block * pbytes + block * 4 if gpus > 1 else 0  # current + prefetched block, unsharded grads
+    root = embed * (pbytes + 4) if gpus > 1 else 0  # the root (embeddings, lm_head) stays gathered in a step
+    chunk = default_chunk_rows(cfg.vocab_size)
+    return {"weights+grads+optimizer (sharded)": n * (8 + opt_bytes) / gpus, "gathered parameters": gathered + root,
+            "activations": activation_bytes(cfg, stage.micro_batch * stage.seq_len, r.train.activation_checkpointing),
+            "loss chunk": 2 * 4 * chunk * cfg.vocab_size}
+
+
+def plan(r: Recipe, gpus: int = 1, gpu_memory_gb: float = 80.0, mfu: float = 0.35,
+         peak_flops: float = 989e12) -> str:
+    """Steps, tokens, FLOPs, memory per GPU and time of a recipe on `gpus` devices, as text."""
+    cfg = r.model
+    lines = [f"model: {cfg.num_params() / 1e9:.2f}B parameters, {cfg.num_hidden_layers} layers, hidden "
+             f"{cfg.hidden_size}, vocab {cfg.vocab_size:,}; init from {r.init_from or 'scratch'}",
+             f"optimizer: {r.optim.name} lr {r.optim.lr:g} -> {r.optim.min_lr:g}, betas {r.optim.betas}, "
+             f"alpha {r.optim.alpha:g}, t_alpha {r.optim.t_alpha:,}, t_beta3 {r.optim.t_beta3:,}, "
+             f"wd {r.optim.weight_decay:g}, clip {r.train.grad_clip:g}, Goldfish k={r.train.goldfish_k} "
+             f"h={r.train.goldfish_h}",
+             f"schedule: WSD over {r.schedule_tokens:,} tokens, warmup {r.schedule.warmup_tokens:,} tokens from "
+             f"{r.schedule.warmup_init:g}x peak, {r.schedule.decay} cooldown over the last "
+             f"{r.schedule.cooldown_tokens:,} tokens",
+             f"{'stage':>10} {'data':>10} {'first step':>11} {'steps':>10} {'start tokens':>18} {'tokens':>18} "
+             f"{'seq':>6} {'batch (seqs)':>12} {'accum':>6} {'theta':>11} {'lr':>14} {'FLOPs':>9} {'GiB/GPU':>8}"]
+    total_flops, worst = 0.0, 0.0
+    for s in r.stages:
+        flops = s.tokens * cfg.flops_per_token(s.seq_len)
+        total_flops += flops
+        mem = sum(memory_per_gpu(r, gpus, s).values())
+        worst = max(worst, mem)
+        accum = s.global_batch_tokens // (s.seq_len * s.micro_batch * gpus) if s.global_batch_tokens % (
+            s.seq_len * s.micro_batch * gpus) == 0 else float("nan")
+        lr = "WSD" if s.lr is None else f"{s.lr:g} (wu {s.warmup_steps})"
+        theta = s.rope_theta or cfg.rope_theta
+        lines.append(f"{s.name:>10} {str(s.data or '-'):>10} {s.start_step + 1:>11,} {s.steps:>10,} "
+                     f"{s.start_tokens:>18,} {s.tokens:>18,} {s.seq_len:>6} "
+                     f"{s.global_batch_tokens // s.seq_len:>12,} {accum:>6} {theta:>11,.0f} {lr:>14} "
+                     f"{flops:>9.2e} {mem / 2**30:>8.1f}")
+    days = total_flops / (gpus * peak_flops * mfu) / 86400
+    fits = "fits" if worst <= gpu_memory_gb * 2**30 else "does NOT fit"
+    lines += [f"total: {r.steps:,} steps, {r.tokens:,} tokens ({r.tokens / 1e12:.3f}T), {total_flops:.3e} FLOPs",
+              f"on {gpus:,} GPUs: peak memory ~{worst / 2**30:.1f} GiB per GPU ({fits} in {gpu_memory_gb:g} GiB; "
+              f"activation checkpointing {'on' if r.train.activation_checkpointing else 'off'}); "
+              f"~{days:,.1f} days at {100 * mfu:.0f}% MFU of {peak_flops / 1e12:.0f} TFLOP/s"]
+    mem = memory_per_gpu(r, gpus, max(r.stages, key=lambda s: s.seq_len * s.micro_batch))
+    lines.append("memory breakdown (longest micro-batch): " + ", ".join(
+        f"{k} {v / 2**30:.1f} GiB" for k, v in mem.items()))
+    return "\n".join(lines)
