@@ -362,9 +362,86 @@ def _add_posttrain_commands(sub) -> None:
 
 # === evaluation (issue 9) ============================================================================================
 
+_EVAL_FORMS = """forms:
+  apertus eval MODEL --tasks xcopa,piqa,flores_bpb ...   tasks; results as JSON + markdown table + PNG charts
+  apertus eval memorization MODEL --probes PROBES ...    Goldfish audit: extraction of inserted probes
+  apertus eval lm-eval-hook [--uninstall]                 let the `lm_eval` command find `--model apertus`"""
+
+
+def cmd_eval(args) -> int:
+    if args.target == "lm-eval-hook":
+        from .eval.harness import install_hook
+
+        files = install_hook(args.site_dir, uninstall=args.uninstall)
+        print(("removed " if args.uninstall else "installed ") + ", ".join(map(str, files)))
+        return 0
+    if args.target == "memorization":
+        from .eval.memorization import audit
+
+        if not args.model or not args.probes:
+            raise ValueError("usage: apertus eval memorization MODEL --probes PROBES")
+        out = args.out or f"runs/eval/{_run_name(args.model)}/memorization"
+        report = audit(args.model, args.probes, out=out, prefix=args.prefix, suffix=args.suffix, top_p=args.top_p,
+                       seed=args.seed, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+        print(report["markdown"])
+        print(f"written to {out}")
+        return 0
+    from .eval.report import markdown
+    from .eval.suite import evaluate
+
+    if args.model or not args.tasks:
+        raise ValueError("usage: apertus eval MODEL --tasks TASKS (see apertus eval --help)")
+    out = args.out or f"runs/eval/{_run_name(args.target)}"
+    report = evaluate(args.target, _csv(args.tasks), out=out, limit=args.limit, langs=_csv(args.langs),
+                      dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, max_len=args.max_len,
+                      batch_tokens=args.batch_tokens, bpb_stride=args.bpb_stride, chat=args.chat,
+                      num_fewshot=args.num_fewshot, max_tokens=args.max_new_tokens)
+    print(markdown(report))
+    print(f"written to {out}")
+    return 0
+
+
+def _csv(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def _run_name(model: str) -> str:
+    from pathlib import Path
+
+    return Path(model).resolve().name or "model"
+
 
 def _add_eval_commands(sub) -> None:
-    pass
+    s = sub.add_parser("eval", help="evaluate a checkpoint: tasks, memorization audit, lm-eval adapter",
+                       epilog=_EVAL_FORMS, formatter_class=argparse.RawTextHelpFormatter)
+    s.add_argument("target", help="checkpoint directory, or `memorization`, or `lm-eval-hook`")
+    s.add_argument("model", nargs="?", help="checkpoint directory (after `memorization`)")
+    s.add_argument("--out", help="report directory (default runs/eval/<model name>[/memorization])")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    s.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else the Apertus tokenizer)")
+    g = s.add_argument_group("tasks (apertus eval MODEL)")
+    g.add_argument("--tasks", help="comma-separated groups (flores_bpb, udhr_bpb, xcopa, xwinograd, piqa, sib200, "
+                   "gsm8k, mgsm) or subtasks GROUP_LANG (xcopa_it, sib200_deu_Latn)")
+    g.add_argument("--langs", help="comma-separated language filter for multilingual groups (deu_Latn or deu, it)")
+    g.add_argument("--limit", type=int, help="first N documents of each subtask")
+    g.add_argument("--max-len", type=int, default=4096, help="longest input; longer texts are scored in windows")
+    g.add_argument("--bpb-stride", type=int, help="tokens predicted per window of a long text (default max-len)")
+    g.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (padding included)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="chat format for generative tasks (default: if the checkpoint is an instruct one)")
+    g.add_argument("--num-fewshot", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=384)
+    g = s.add_argument_group("memorization (apertus eval memorization MODEL)")
+    g.add_argument("--probes", help="probes JSONL, or a built dataset directory holding probes.jsonl")
+    g.add_argument("--prefix", type=int, default=32, help="prompt length in tokens")
+    g.add_argument("--suffix", type=int, default=32, help="continuation length in tokens")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling at temperature 1")
+    g.add_argument("--seed", type=int, default=0)
+    g = s.add_argument_group("lm-eval-hook (apertus eval lm-eval-hook)")
+    g.add_argument("--uninstall", action="store_true")
+    g.add_argument("--site-dir", help="default: this interpreter's site-packages")
+    s.set_defaults(func=cmd_eval)
 
 
 # === compliance: run manifests, cards, opt-out (issue 10) ============================================================
