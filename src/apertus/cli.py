@@ -356,8 +356,43 @@ def _add_serve_commands(sub) -> None:
 # === post-training: sft, align (issue 8) =============================================================================
 
 
+def _posttrain(args, kind: str) -> int:
+    """SFT or alignment from a recipe; several processes (devices) run under torchrun (gloo on CPU, NCCL on GPUs)."""
+    argv = [args.recipe] + (["--out", args.out] if args.out else [])
+    for item in args.set:
+        argv += ["--set", item]
+    if args.nproc > 1:
+        import subprocess
+
+        module = "apertus.train.sft" if kind == "sft" else "apertus.train.qrpo"
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={args.nproc}", "-m", module] + argv)
+    from .train.sft import main
+
+    return main(argv, kind=kind)
+
+
+def cmd_sft(args) -> int:
+    return _posttrain(args, "sft")
+
+
+def cmd_align(args) -> int:
+    return _posttrain(args, "align")
+
+
 def _add_posttrain_commands(sub) -> None:
-    pass
+    for name, func, text, example in (
+            ("sft", cmd_sft, "supervised fine-tuning on chat data (Apertus chat format, loss on assistant tokens)",
+             "recipes/sft_tiny.toml"),
+            ("align", cmd_align, "preference alignment: QRPO (or length-normalised DPO) on rewarded reference samples",
+             "recipes/align_tiny.toml")):
+        s = sub.add_parser(name, help=text + "; resumes from --out")
+        s.add_argument("recipe", help=f"TOML recipe, e.g. {example}")
+        s.add_argument("--out", help="run directory (default runs/<recipe name>); an existing run resumes")
+        s.add_argument("--nproc", type=int, default=1, help="processes (devices) on this machine, via torchrun")
+        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
+        s.set_defaults(func=func)
 
 
 # === evaluation (issue 9) ============================================================================================
