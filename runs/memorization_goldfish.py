@@ -86,7 +86,7 @@ def main():
     ap.add_argument("--per-exposure", type=int, default=4, help="probes per exposure count (controls: twice that)")
     ap.add_argument("--prefix", type=int, default=50, help="prompt tokens (>= Goldfish h: the suffix is hashed on "
                     "the probe's own tokens)")
-    ap.add_argument("--suffix", type=int, default=64)
+    ap.add_argument("--suffix", type=int, default=128, help="generated tokens compared with the probe (~200 long)")
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, default=1024, help="row length. Goldfish never drops the first h-1 "
                     "labels of a row (their hash context is cut), so a probe copy that lands there is fully trained: "

@@ -278,7 +278,8 @@ def test_run_eval_on_an_in_memory_model_equals_its_checkpoint(small_checkpoint, 
     out = tmp_path / "report"
     report = run_eval(model, tok, tasks=tasks, out_dir=out, name="step-100", **kw)
     assert model.training
-    assert report["model"] == "step-100" and set(report["tasks"]) == set(from_dir["tasks"]) == {
+    assert report["model"] == "step-100" and report["config"]["dtype"] == "float32"
+    assert set(report["tasks"]) == set(from_dir["tasks"]) == {
         "xcopa_it", "flores_bpb_deu_Latn", "flores_bpb_ita_Latn", "gsm8k"}
     for name, r in report["tasks"].items():
         for key, value in r.items():

@@ -9,6 +9,6 @@
     memorization.py  the Goldfish audit: extraction of inserted probes by exposure count
 """
 
-from .suite import evaluate, run_eval  # noqa: E402  (the library entry points)
+from .suite import evaluate, run_eval  # the library entry points
 
 __all__ = ["evaluate", "run_eval"]

@@ -185,6 +185,7 @@ def evaluate(model, tasks: list[str], *, out=None, limit: int | None = None, lan
         if not isinstance(tokenizer, Tokenizer):
             tokenizer = load_tokenizer(tokenizer=tokenizer, vocab_size=model.config.vocab_size)
         name = name or f"{type(model).__name__} (in memory)"
+        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
         scorer = Scorer(model, tokenizer, max_len=max_len, batch_tokens=batch_tokens, progress=progress)
     was_training = scorer.model.training
     scorer.model.eval()

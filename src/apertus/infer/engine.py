@@ -201,6 +201,7 @@ class Engine:
         self.cache = PagedKVCache(self.config, tokens // page_size, page_size, kv_dtype, device)
         self.stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0}
         self._lock = threading.Condition()
+        self._step_lock = threading.Lock()  # one step at a time, by the engine thread or a generate() caller
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._thread: threading.Thread | None = None
@@ -221,13 +222,14 @@ class Engine:
         return self.tokenizer.encode(text, bos=bos)
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, on_event=None,
-               block: bool = False) -> Request:
+               block: bool = False, background: bool = True) -> Request:
         """Queue a request (text is tokenized with BOS, ids are used as they are) and return its handle at once.
 
         Raises ValueError for a bad request before any compute (empty prompt, ids outside the vocabulary, prompt +
         max_tokens beyond the context or the cache budget) and EngineBusy when the queue is full (unless block).
         `on_event(delta)` is called from the engine thread for every Delta (e.g. to hand it to an asyncio loop with
-        `loop.call_soon_threadsafe`); the handle can also be iterated.
+        `loop.call_soon_threadsafe`); the handle can also be iterated. background=False queues it without starting
+        the engine thread: the caller then runs the steps itself (`generate` does).
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         params = (params or SamplingParams()).resolved(self.defaults)
@@ -260,19 +262,31 @@ class Engine:
             self._next_id += 1
             req = Request(f"req-{self._next_id}", ids, params, self, on_event)
             self._waiting.append(req)
-            self._start()
+            if background:
+                self._start()
             self._lock.notify_all()
         return req
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[Request]:
-        """Run prompts (texts or id lists) together to completion; returns the finished handles in order."""
+        """Run prompts (texts or id lists) together to completion; returns the finished handles in order.
+
+        The steps run in the calling thread (taking turns with the engine thread if a server also drives this engine):
+        the caller's OpenMP pool does the math, instead of a second pool while the caller's spins idle.
+        """
         many = params if isinstance(params, list) else [params] * len(prompts)
         if len(many) != len(prompts):
             raise ValueError(f"engine: {len(prompts)} prompts but {len(many)} sampling params")
         handles = []
         try:
             for p, sp in zip(prompts, many, strict=True):
-                handles.append(self.submit(p, sp, block=True))
+                while True:
+                    try:
+                        handles.append(self.submit(p, sp, background=False))
+                        break
+                    except EngineBusy:  # the queue drains as we step
+                        self._step_here()
+            while not all(h.finished for h in handles):
+                self._step_here()
             return [h.result() for h in handles]
         except BaseException:
             for h in handles:
@@ -367,9 +381,14 @@ class Engine:
                     self._lock.wait()
                 if self._closed:
                     return
+            self._step_here()
+
+    def _step_here(self):
+        """One step in the calling thread; a failing step fails its requests and the engine keeps serving."""
+        with self._step_lock:
             try:
                 self._step()
-            except Exception as e:  # fail the requests of that step, keep serving the queue
+            except Exception as e:
                 log.exception("engine step failed")
                 with self._lock:
                     out = []
