@@ -1,6 +1,5 @@
 """Evaluation: log-likelihoods against transformers, scoring against known answers, prompts against lm-eval's."""
 
-import dataclasses
 import json
 import math
 import random
@@ -34,21 +33,6 @@ def hf_checkpoint(tmp_path_factory, apertus_tokenizer_json):
     model.save_pretrained(path)
     shutil.copy(apertus_tokenizer_json, path / "tokenizer.json")
     return path, model
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
-    """Our tiny model with a 2,048-id tokenizer trained on UDHR (cheap enough for end-to-end runs on CPU)."""
-    from apertus import build_model, preset
-    from apertus.tokenizer import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("small")
-    tok = tiny_tokenizer(path / "tok")
-    cfg = dataclasses.replace(preset("tiny"), vocab_size=2048, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = build_model(cfg, seed=0)
-    model.save_pretrained(path / "model", extra_files={"tokenizer.json": tok.inner.to_str()})
-    return path / "model"
 
 
 def hf_loglik(model, ctx, cont):

@@ -1,6 +1,5 @@
 """The lm-evaluation-harness adapter: lm-eval's own evaluator, custom YAML tasks over local files (no hub)."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -58,19 +57,6 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
-    from apertus import build_model, preset
-    from apertus.tokenizer import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("small")
-    tok = tiny_tokenizer(path / "tok")
-    cfg = dataclasses.replace(preset("tiny"), vocab_size=2048, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    build_model(cfg, seed=0).save_pretrained(path / "model", extra_files={"tokenizer.json": tok.inner.to_str()})
-    return path / "model"
 
 
 @pytest.fixture(scope="module")
