@@ -10,6 +10,8 @@
   batch runs until its longest request is done, so only the tokens asked for are counted, for both.
 - prefill: one prompt of --prefill tokens and a single new token; prompt tokens/s.
 - int8: decode at batch 1 with our weight-only int8 linears (CPU), against transformers in --dtype.
+Our engine runs with compile=True (decoding steps through torch.compile, compiled before timing); the row "decode,
+batch 1, eager" shows the engine without it (--no-compile: every row eager).
 Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
 alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours. Both models
 are built in memory with the same random weights (no checkpoint on disk, so an 8B run needs no disk).
@@ -49,6 +51,7 @@ def main():
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 row")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cache-gb", type=float, default=2.0)
+    ap.add_argument("--no-compile", action="store_true", help="our engine without torch.compile")
     args = ap.parse_args()
     dtype = parse_dtype(args.dtype)
     cfg = preset(args.preset)
@@ -59,14 +62,13 @@ def main():
                                                             dtype=dtype)
     ref.load_state_dict(ours.state_dict())
     ref.eval()
-    int8 = None
-    if not args.no_int8 and args.device == "cpu":
-        int8 = Engine(copy.deepcopy(ours), quantize="int8", max_batch=1, cache_gb=args.cache_gb)
-    engine = Engine(ours, max_batch=max(args.concurrency), cache_gb=args.cache_gb)
+    compile = not args.no_compile
+    eager = Engine(ours, max_batch=1, cache_gb=args.cache_gb) if compile else None
+    engine = Engine(ours, max_batch=max(args.concurrency), cache_gb=args.cache_gb, compile=compile)
     greedy = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"greedy generation, {args.preset} ({ours.num_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}), "
-          f"{args.dtype}, {where}, {args.new} new tokens per request")
+          f"{args.dtype}, {where}, {args.new} new tokens per request, ours {'compiled' if compile else 'eager'}")
     print(f"{'workload':24} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
 
     def row(name, tokens, ours, theirs):
@@ -82,6 +84,9 @@ def main():
         name = "decode, batch 1" if c == 1 else f"{c} concurrent requests"
         row(name, c * args.new, lambda p=prompts: engine.generate(p, greedy),
             lambda p=prompts: hf_generate(ref, p, args.new))
+        if c == 1 and eager is not None:
+            row("decode, batch 1, eager", args.new, lambda p=prompts: eager.generate(p, greedy),
+                lambda p=prompts: hf_generate(ref, p, args.new))
     c = max(args.concurrency)
     prompts = make_prompts(torch.randint(16, 257, (c,), generator=g).tolist())
     wants = torch.randint(args.new // 4, 2 * args.new + 1, (c,), generator=g).tolist()
@@ -92,12 +97,16 @@ def main():
     one = SamplingParams(temperature=0, max_tokens=1)
     row(f"prefill {args.prefill} tokens", args.prefill, lambda: engine.generate(prompt, one),
         lambda: hf_generate(ref, prompt, 1))
-    if int8 is not None:
+    for e in (engine, eager):
+        if e is not None:
+            e.close()
+    if not args.no_int8 and args.device == "cpu":
+        torch._dynamo.reset()  # the compiled graphs of the engine above would be looked up first at every step
+        int8 = Engine(copy.deepcopy(ours), quantize="int8", max_batch=1, cache_gb=args.cache_gb, compile=compile)
         prompt = make_prompts([16])
         row("decode b1, ours int8", args.new, lambda: int8.generate(prompt, greedy),
             lambda: hf_generate(ref, prompt, args.new))
         int8.close()
-    engine.close()
 
 
 if __name__ == "__main__":

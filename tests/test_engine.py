@@ -82,7 +82,7 @@ def test_bf16_engine_follows_transformers_bf16(ref_and_dir):
     _, path = ref_and_dir
     ps = prompts(3, seed=2)
     with Engine(path, dtype="bf16") as engine:
-        assert engine.cache.k.dtype == torch.bfloat16
+        assert engine.cache.dtype == engine.cache.k[0].dtype == torch.bfloat16
         outs = engine.generate(ps, SamplingParams(temperature=0, max_tokens=12, logprobs=True, ignore_eos=True))
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     for p, out in zip(ps, outs, strict=True):  # teacher-forced: the reference's log-probs of the engine's tokens
@@ -117,6 +117,21 @@ def test_batched_equals_alone_with_chunked_prefill(engine):
         [alone] = engine.generate([p], sp)
         assert out.output_ids == alone.output_ids
         assert max(abs(a - b) for a, b in zip(out.logprobs, alone.logprobs, strict=True)) <= 1e-4
+
+
+def test_compiled_steps_equal_eager_and_compile_only_at_start(ref_and_dir, engine):
+    ps = prompts(6, seed=11)  # up to 85 tokens: prompts packed, and continued in a second chunk
+    params = [SamplingParams(temperature=0, max_tokens=10 + 4 * i, logprobs=True) for i in range(6)]
+    graphs = torch._dynamo.utils.counters["stats"]
+    with Engine(ref_and_dir[1], prefill_chunk=64, max_batch=16, compile=True) as compiled:
+        warm = dict(graphs)
+        assert warm["unique_graphs"] > 0
+        outs = compiled.generate(ps, params) + compiled.generate(ps[:1], params[0])
+        assert dict(graphs) == warm  # batches of 1..6 rows, every prompt shape, growing keys: no new graph
+    expected = engine.generate(ps, params) + engine.generate(ps[:1], params[0])
+    for out, ref in zip(outs, expected, strict=True):
+        assert out.output_ids == ref.output_ids
+        assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs, strict=True)) <= 1e-4
 
 
 def test_preemption_when_the_cache_is_full_changes_nothing(ref_and_dir, engine):

@@ -1,7 +1,8 @@
 """A paged KV cache preallocated from a memory budget, and the per-forward view the model's attention writes through.
 
-Keys and values of all sequences live in one (tokens, n_kv, head_dim) buffer per layer, handed out in pages of
-`page_size` token slots, so one long request and many short ones share the same memory (no per-slot maximum length).
+Keys and values of all sequences live in one (n_kv, tokens, head_dim) tensor per layer (separate tensors, not one
+stacked buffer: torch.compile then writes a step's keys in place instead of copying the buffer), handed out in pages
+of `page_size` token slots, so one long request and many short ones share the same memory (no per-slot maximum length).
 One extra page stays zero: rows of a decode batch shorter than the longest read it as (masked) padding keys.
 """
 
@@ -14,10 +15,11 @@ class PagedKVCache:
     def __init__(self, cfg, n_pages: int, page_size: int, dtype: torch.dtype, device):
         self.page_size, self.n_pages = page_size, n_pages
         slots = (n_pages + 1) * page_size  # + the zero page (page number n_pages)
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_key_value_heads, slots, cfg.head_dim)
         # zeros, not empty: masked keys still multiply their (zero) values, and NaN * 0 would leak into outputs
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.dtype, self.device = dtype, torch.device(device)
         self.free_pages = list(range(n_pages - 1, -1, -1))  # pop() hands out low pages first
 
     @staticmethod
@@ -48,16 +50,16 @@ class PagedKVCache:
     def _table(self, page_tables: list[list[int]]) -> torch.Tensor:
         """(rows, pages) page numbers, padded with the zero page (never written)."""
         width = max(len(p) for p in page_tables)
-        return torch.tensor([p + [self.n_pages] * (width - len(p)) for p in page_tables], device=self.k.device)
+        return torch.tensor([p + [self.n_pages] * (width - len(p)) for p in page_tables], device=self.device)
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         # additive masks in the cache dtype: SDPA on CPU runs them about twice as fast as the same mask in bool
-        return torch.zeros(allowed.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(~allowed, -torch.inf)
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, -torch.inf)
 
     def decode_view(self, page_tables: list[list[int]], lengths: list[int]):
         """One new token for each of B rows, row b having lengths[b] tokens cached: a (B, 1) batch whose keys are
         padded to the longest row. Returns (cache view, position ids (B, 1), mask (B, 1, 1, keys) or None)."""
-        dev, P = self.k.device, self.page_size
+        dev, P = self.device, self.page_size
         table = self._table(page_tables)
         pos = torch.tensor(lengths, device=dev)[:, None]
         write = table.gather(1, pos // P) * P + pos % P
@@ -70,7 +72,7 @@ class PagedKVCache:
         """Prompt chunks of several rows packed into ONE row (no padding): row b feeds lengths[b] tokens after its
         starts[b] cached ones, and each token sees only its own row's keys. Returns (view, position ids (1, T),
         mask (1, 1, T, keys) or None for one row from the start, which the model runs as plain causal attention)."""
-        dev, P = self.k.device, self.page_size
+        dev, P = self.device, self.page_size
         table = self._table(page_tables)
         rows = torch.arange(len(lengths), device=dev)
         start, length = torch.tensor(starts, device=dev), torch.tensor(lengths, device=dev)
@@ -83,7 +85,7 @@ class PagedKVCache:
         if len(lengths) == 1 and starts[0] == 0:
             mask = None
         elif len(lengths) == 1:  # only the last block of keys is causal; the cached ones are all visible
-            mask = torch.zeros(lengths[0], len(k_row), dtype=self.k.dtype, device=dev)
+            mask = torch.zeros(lengths[0], len(k_row), dtype=self.dtype, device=dev)
             mask[:, starts[0]:] = self._additive(torch.ones(lengths[0], lengths[0], dtype=torch.bool,
                                                             device=dev).tril())
             mask = mask[None, None]
@@ -96,15 +98,20 @@ class StepView:
     """What the model's attention calls: `k, v = cache.update(layer_idx, k, v)` with k, v (B, n_kv, T, head_dim)."""
 
     def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor):
-        self.cache, self.write, self.read, self.read_flat = cache, write, read, read.flatten()
+        self.cache, self.write, self.shape = cache, write, read.shape
+        # rows to gather from a layer's (n_kv·slots, D) view, in (B, n_kv, n_keys) order: the keys come out as one
+        # contiguous (B, n_kv, n_keys, D) tensor, which the attention matmuls and SDPA read without another copy
+        n_kv, slots, _ = cache.k[0].shape
+        heads = torch.arange(n_kv, device=read.device)[None, :, None] * slots
+        self.read = (heads + read[:, None, :]).flatten()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        K, V = self.cache.k[layer], self.cache.v[layer]
-        K.index_copy_(0, self.write, k.transpose(1, 2).reshape(-1, *K.shape[1:]))
-        V.index_copy_(0, self.write, v.transpose(1, 2).reshape(-1, *V.shape[1:]))
-        # index_select copies whole (n_kv, D) rows (several times faster than advanced indexing on CPU);
-        # (B, n_keys, n_kv, D) -> (B, n_kv, n_keys, D) as a strided view, which SDPA reads as is
-        shape = (*self.read.shape, *K.shape[1:])
-        k = K.index_select(0, self.read_flat).view(shape).transpose(1, 2)
-        v = V.index_select(0, self.read_flat).view(shape).transpose(1, 2)
-        return k, v
+        K, V = self.cache.k[layer], self.cache.v[layer]  # (n_kv, slots, D)
+        n_kv, D = k.shape[1], k.shape[3]
+        # (B, n_kv, T, D) -> (n_kv, B·T, D); under torch.compile an in-place scatter
+        K[:, self.write] = k.transpose(0, 1).reshape(n_kv, -1, D)
+        V[:, self.write] = v.transpose(0, 1).reshape(n_kv, -1, D)
+        # index_select copies whole rows (several times faster than advanced indexing on CPU)
+        shape = (self.shape[0], n_kv, self.shape[1], D)
+        return (K.view(-1, D).index_select(0, self.read).view(shape),
+                V.view(-1, D).index_select(0, self.read).view(shape))

@@ -148,11 +148,14 @@ class Engine:
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
     quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request; off by default.
+    compile=True: decoding steps run through torch.compile (two graphs, one row and several, compiled at start in
+    10-30 s; later starts reuse inductor's on-disk cache); worth it for a server or long jobs: a decoding step takes
+    about half the time, and with int8 on CPU a fifth (bench/engine.py).
     """
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
                  cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 2048, max_queue: int = 1024,
-                 page_size: int = 16, quantize: str | None = None, output_filter=None):
+                 page_size: int = 16, quantize: str | None = None, output_filter=None, compile: bool = False):
         from ..checkpoint import load_model, parse_dtype
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -207,6 +210,23 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._next_id = 0
+        self._compiled = None  # the model's hidden_states through torch.compile (compile=True)
+        if compile:
+            self.model.inv_freq(device)  # computed before tracing, not a guard of the graphs
+            self._compiled = torch.compile(self.model.hidden_states, dynamic=True)
+            self._warm_up()
+
+    def _warm_up(self):
+        """Compile every graph a step can need before the first request: decoding one row and several, a prompt
+        alone from its start, packed prompts, and a prompt continued from its cached part (chunked prefill). The
+        sizes avoid coincidences (a batch of 2 with 2 key heads would compile a graph valid only for batch == heads)."""
+        chunk, self.prefill_chunk = self.prefill_chunk, 8
+        try:
+            warm = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            self.generate([[0] * 5, [0] * 11, [0] * 3], warm)
+            self.generate([[0] * 7], warm)
+        finally:
+            self.prefill_chunk = chunk
 
     # --- public API ------------------------------------------------------------------------------------------------
 
@@ -447,7 +467,13 @@ class Engine:
         else:
             input_ids = torch.tensor(ids, device=self.device)[None]
             view, positions, mask = self.cache.prefill_view(tables, starts, feeds)
-        h = self.model.hidden_states(input_ids, positions, mask, view)
+        forward = self.model.hidden_states
+        if self._compiled is not None:  # sizes are symbols of the graphs, never specialised to this step's
+            forward = self._compiled
+            dims = [(input_ids, 1 - decode), (positions, 1 - decode), (view.write, 0), (view.read, 0)]
+            for t, d in dims + ([(mask, 0 if decode else 2), (mask, 3)] if mask is not None else []):
+                torch._dynamo.maybe_mark_dynamic(t, d)
+        h = forward(input_ids, positions, mask, view)
         self.stats["forwards"] += 1
         self.stats["decode_tokens" if decode else "prefill_tokens"] += len(ids)
         if decode:

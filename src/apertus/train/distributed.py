@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -52,6 +53,18 @@ def init_distributed(device: str | None = None) -> Dist:
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_job(fn, *args) -> int:
+    """The tail of every training command: run `fn(*args)` (a result dict), always leave the process group, and
+    print the result as one JSON line on rank 0 (its "time" entry left out)."""
+    try:
+        result = fn(*args)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "time"}))
+    return 0
 
 
 def barrier():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import Dist, all_reduce_sum, init_distributed, parallelize, shutdown
+from .distributed import Dist, all_reduce_sum, init_distributed, parallelize, run_job
 from .loop import LoopConfig, _to, train
 from .loss import lm_loss, token_byte_lengths, token_cross_entropy
 from .optim import build_optimizer
@@ -285,13 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plan(recipe, gpus=args.gpus or world, gpu_memory_gb=args.gpu_memory))
         return 0
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    try:
-        result = pretrain(recipe, out)
-    finally:
-        shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "time"}))
-    return 0
+    return run_job(pretrain, recipe, out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ApertusConfig, load_config, load_toml, model_config_from
 from .chat_data import SKIP_REASONS, encode, read_sources
-from .distributed import Dist, all_reduce_sum, init_distributed, shutdown
+from .distributed import Dist, all_reduce_sum, init_distributed, run_job, shutdown
 from .loop import LoopConfig, _to, train
 from .loss import lm_loss
 from .optim import build_optimizer, wsd
@@ -474,13 +474,7 @@ def main(argv: list[str] | None = None, kind: str = "sft") -> int:
     args = p.parse_args(argv)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     recipe, fn = _parse(args.recipe, kind, args.set)
-    try:
-        result = fn(recipe, out)
-    finally:
-        shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "time"}))
-    return 0
+    return run_job(fn, recipe, out)
 
 
 if __name__ == "__main__":
