@@ -213,7 +213,10 @@ class Engine:
         self._compiled = None  # the model's hidden_states through torch.compile (compile=True)
         if compile:
             self.model.inv_freq(device)  # computed before tracing, not a guard of the graphs
-            self._compiled = torch.compile(self.model.hidden_states, dynamic=True)
+            # on CPU, one-row matmuls become inductor's own multiply-and-sum loops: a matrix-vector product bound
+            # by reading the weights, where oneDNN's bf16 GEMM is 2-3x slower (inductor's decompose_mm_pass)
+            options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if device.type == "cpu" else {}
+            self._compiled = torch.compile(self.model.hidden_states, dynamic=True, options=options)
             self._warm_up()
 
     def _warm_up(self):
