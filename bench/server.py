@@ -10,7 +10,7 @@ actually returned are counted). Reported per concurrency: requests/s, output tok
 server's tokens/s over the raw engine's (`Engine.generate` on the same prompts in-process): the cost of HTTP, SSE
 and the chat format. The model is the preset with random weights and a small tokenizer trained on the spot, saved
 with the official chat template so transformers renders the same prompts. --peer-cb runs transformers with
---continuous-batching (slow to warm up on CPU).
+--continuous-batching (slow to warm up on CPU). Ours runs with --compile (--no-compile: eager), as a server would.
 """
 
 import argparse
@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peer-cb", action="store_true", help="transformers serve --continuous-batching")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="our server without --compile")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
@@ -144,12 +145,13 @@ def main():
     ours_port, peer_port = free_port(), free_port()
     servers = [start([sys.executable, "-m", "apertus.cli", "serve", str(model_dir), "--port", str(ours_port),
                       "--served-model-name", "bench", "--log-level", "warning", "--max-batch",
-                      str(max(args.concurrency))], ours_port, work / "ours.log")]
+                      str(max(args.concurrency)), *([] if args.no_compile else ["--compile"])], ours_port,
+                     work / "ours.log")]
     if not args.no_peer:
         servers.append(start([str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
                               "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning",
                               *(["--continuous-batching"] if args.peer_cb else [])], peer_port, work / "peer.log"))
-    engine = Engine(model_dir, max_batch=max(args.concurrency))
+    engine = Engine(model_dir, max_batch=max(args.concurrency), compile=not args.no_compile)
     targets = {"ours": (f"http://127.0.0.1:{ours_port}", "bench", {"ignore_eos": True})}
     if not args.no_peer:
         targets["peer"] = (f"http://127.0.0.1:{peer_port}", str(model_dir), {})
