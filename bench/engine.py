@@ -101,7 +101,6 @@ def main():
         if e is not None:
             e.close()
     if not args.no_int8 and args.device == "cpu":
-        torch._dynamo.reset()  # the compiled graphs of the engine above would be looked up first at every step
         int8 = Engine(copy.deepcopy(ours), quantize="int8", max_batch=1, cache_gb=args.cache_gb, compile=compile)
         prompt = make_prompts([16])
         row("decode b1, ours int8", args.new, lambda: int8.generate(prompt, greedy),

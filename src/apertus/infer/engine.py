@@ -32,6 +32,7 @@ from .cache import PagedKVCache
 from .sampler import SamplingParams, defaults_from_generation_config, sample
 
 log = logging.getLogger(__name__)
+_compiled_engines: set[int] = set()  # open engines with compile=True (their graphs live on the model's code object)
 
 
 class EngineBusy(RuntimeError):
@@ -212,6 +213,11 @@ class Engine:
         self._next_id = 0
         self._compiled = None  # the model's hidden_states through torch.compile (compile=True)
         if compile:
+            if _compiled_engines:
+                log.warning("engine: %d other compiled engine(s) open in this process; dynamo checks all their graphs "
+                            "at every step and stops compiling past torch._dynamo.config.recompile_limit",
+                            len(_compiled_engines))
+            _compiled_engines.add(id(self))
             self.model.inv_freq(device)  # computed before tracing, not a guard of the graphs
             # on CPU, one-row matmuls become inductor's own multiply-and-sum loops: a matrix-vector product bound
             # by reading the weights, where oneDNN's bf16 GEMM is 2-3x slower (inductor's decompose_mm_pass)
@@ -325,6 +331,11 @@ class Engine:
             req.cancel()
         if self._thread is not None:
             self._thread.join()
+        if self._compiled is not None:
+            self._compiled = None
+            _compiled_engines.discard(id(self))
+            if not _compiled_engines:  # the last compiled engine takes the graphs (and what they hold) with it
+                torch._dynamo.reset()
 
     def __enter__(self):
         return self
