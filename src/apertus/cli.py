@@ -287,7 +287,7 @@ def cmd_chat(args) -> int:
     return 0
 
 
-_COMPILE_HELP = "decode through torch.compile: ~2x faster steps after 10-30 s of compiling at start"
+_COMPILE_HELP = "run the engine through torch.compile: 2-3x faster decoding steps after 20-45 s of compiling at start"
 
 
 def _add_sampling_args(s, max_tokens: int) -> None:

@@ -149,9 +149,9 @@ class Engine:
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
     quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request; off by default.
-    compile=True: decoding steps run through torch.compile (two graphs, one row and several, compiled at start in
-    10-30 s; later starts reuse inductor's on-disk cache); worth it for a server or long jobs: a decoding step takes
-    about half the time, and with int8 on CPU a fifth (bench/engine.py).
+    compile=True: every step runs through torch.compile (a few graphs, compiled at start: 20-45 s for the tiny model
+    on 2 cores, less once inductor's on-disk cache is warm); worth it for a server or a long job: on CPU a decoding
+    step takes a half to a third of the eager time (bench/engine.py).
     """
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
