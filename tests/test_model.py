@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 
 from apertus import ApertusConfig, build_model, load_model, preset
-from apertus.model import document_mask, packed_position_ids
+from apertus.model import document_mask, packed_position_ids, single_query_attention
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -207,3 +208,17 @@ def test_bf16_load_is_memory_frugal(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) <= 1.2 * size
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_single_query_attention_equals_sdpa_with_gqa_and_masks(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    B, H, n_kv, L, D = 3, 8, 2, 37, 16
+    q, k, v = (torch.randn(*s, generator=g).to(dtype) for s in ((B, H, 1, D), (B, n_kv, L, D), (B, n_kv, L, D)))
+    allowed = torch.arange(L)[None] < torch.tensor([37, 20, 5])[:, None]  # rows of different lengths
+    additive = torch.zeros(B, L, dtype=dtype).masked_fill(~allowed, -torch.inf)
+    for mask in (None, allowed[:, None, None], additive[:, None, None]):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = single_query_attention(q, k, v, mask)
+        assert out.shape == (B, 1, H * D)
+        assert (out.float() - ref.transpose(1, 2).reshape(B, 1, H * D).float()).abs().max() <= tol

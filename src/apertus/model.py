@@ -125,10 +125,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if T == 1:  # one query per row (decoding): two small matmuls beat SDPA's CPU kernel (bf16: ~10x)
+        if T == 1 and x.device.type == "cpu":  # decoding: two small matmuls beat SDPA's CPU kernel (bf16: ~10x)
             return self.o_proj(single_query_attention(q, k, v, attn_mask))
         is_causal = False
-        if attn_mask is None:
+        if attn_mask is None and T > 1:
             if k.shape[2] == T:
                 is_causal = True
             else:  # queries are the last T positions of the keys: bottom-right aligned causal mask
