@@ -10,7 +10,7 @@
   batch runs until its longest request is done, so only the tokens asked for are counted, for both.
 - prefill: one prompt of --prefill tokens and a single new token; prompt tokens/s.
 - int8: decode at batch 1 with our weight-only int8 linears (CPU), against transformers in --dtype.
-Our engine runs with compile=True (decoding steps through torch.compile, compiled before timing); the row "decode,
+Our engine runs with compile=True (every step through torch.compile, compiled before timing); the row "decode,
 batch 1, eager" shows the engine without it (--no-compile: every row eager).
 Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
 alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours. Both models

@@ -128,6 +128,7 @@ def test_compiled_steps_equal_eager_and_compile_only_at_start(ref_and_dir, engin
     with Engine(ref_and_dir[1], prefill_chunk=64, max_batch=16, compile=True) as compiled:
         warm = dict(graphs)
         assert len(_debug_get_cache_entry_list(code)) >= 2  # one row, several rows, prompts...
+        assert set(compiled.stats.values()) == {0}  # the warm-up is not counted as served work
         outs = compiled.generate(ps, params) + compiled.generate(ps[:1], params[0])
         assert dict(graphs) == warm  # batches of 1..6 rows, every prompt shape, growing keys: no new graph
     assert not _debug_get_cache_entry_list(code)  # the last compiled engine closed takes its graphs along

@@ -217,13 +217,13 @@ class Engine:
                 log.warning("engine: %d other compiled engine(s) open in this process; dynamo checks all their graphs "
                             "at every step and stops compiling past torch._dynamo.config.recompile_limit",
                             len(_compiled_engines))
-            _compiled_engines.add(id(self))
             self.model.inv_freq(device)  # computed before tracing, not a guard of the graphs
             # on CPU, one-row matmuls become inductor's own multiply-and-sum loops: a matrix-vector product bound
             # by reading the weights, where oneDNN's bf16 GEMM is 2-3x slower (inductor's decompose_mm_pass)
             options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if device.type == "cpu" else {}
             self._compiled = torch.compile(self.model.hidden_states, dynamic=True, options=options)
             self._warm_up()
+            _compiled_engines.add(id(self))
 
     def _warm_up(self):
         """Compile every graph a step can need before the first request: decoding one row and several, a prompt
@@ -236,6 +236,7 @@ class Engine:
             self.generate([[0] * 7], warm)
         finally:
             self.prefill_chunk = chunk
+            self.stats.update(dict.fromkeys(self.stats, 0))  # /metrics counts served requests only
 
     # --- public API ------------------------------------------------------------------------------------------------
 
