@@ -117,7 +117,7 @@ def test_gguf_reads_back(run):
     hf = load_file(out / "hf" / "model.safetensors")
     config = json.loads((out / "hf" / "config.json").read_text())
     # every HF tensor but the per-layer xIELU scalars (GGUF metadata), plus llama3 RoPE factors when scaled
-    expected = sum(".act_fn." not in k for k in hf) + (config.get("rope_scaling") is not None)
+    expected = sum(".act_fn." not in k for k in hf) + (config["rope_parameters"]["rope_type"] == "llama3")
     names = [t.name for t in reader.tensors]
     assert len(names) == expected
     assert sum(n.startswith("blk.") for n in names) == 10 * config["num_hidden_layers"]  # 4 norms, q k v o, up, down

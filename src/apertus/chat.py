@@ -396,13 +396,33 @@ def render(messages, tools=None, enable_thinking=False, add_generation_prompt=Fa
                                           continue_assistant_message))
 
 
+CHAT_FORMATS = ("release", "apertus-sft")
+
+
 def encode_chat(tokenizer, messages, tools=None, enable_thinking=False, add_generation_prompt=False, date=None,
-                continue_assistant_message=False) -> tuple[list[int], list[bool]]:
+                continue_assistant_message=False, format="release") -> tuple[list[int], list[bool]]:
     """Token ids of the rendered chat (as `apply_chat_template` gives them) and a mask of the tokens the assistant
     wrote: its text, reasoning, tool calls and `<|assistant_end|>`, not the tool outputs or `<|assistant_start|>`.
-    A token that straddles a boundary counts as the assistant's (the rule of transformers' assistant masks)."""
-    pieces = segments(messages, tools, enable_thinking, add_generation_prompt, date, continue_assistant_message)
+    A token that straddles a boundary counts as the assistant's (the rule of transformers' assistant masks).
+
+    `format`: "release", the released template (what inference uses), or "apertus-sft", the template Apertus was
+    fine-tuned with (chat_sft.py; `<s>` + its text, ids 61-72 as the tokenizer names them; `date` and
+    `continue_assistant_message` do not apply to it)."""
+    if format == "release":
+        pieces = segments(messages, tools, enable_thinking, add_generation_prompt, date, continue_assistant_message)
+    elif format == "apertus-sft":
+        from .chat_sft import SFT_TOKEN_IDS, sft_messages, sft_segments
+
+        pieces = [(BOS, False)] + sft_segments(sft_messages(messages, tools, enable_thinking), add_generation_prompt)
+    else:
+        raise ValueError(f"unknown chat format {format!r}; use one of {', '.join(CHAT_FORMATS)}")
     inner = getattr(tokenizer, "inner", tokenizer)
+    if format == "apertus-sft":  # the SFT-time names <SPECIAL_61>... -> whatever this tokenizer calls ids 61-72
+        names = {name: inner.id_to_token(i) for name, i in SFT_TOKEN_IDS.items()}
+        if None in names.values():
+            raise ValueError("the tokenizer has no ids 61-72, the Apertus chat tokens the apertus-sft format needs")
+        pattern = re.compile("|".join(map(re.escape, names)))
+        pieces = [(pattern.sub(lambda m: names[m.group()], t), a) for t, a in pieces]
     enc = inner.encode("".join(t for t, _ in pieces), add_special_tokens=False)
     owned = [0]  # prefix sums of assistant-written characters
     for text, assistant in pieces:

@@ -77,21 +77,34 @@ class ApertusConfig:
             if not ok:
                 raise ValueError(f"model config: {key} = {getattr(self, key)!r} {why}")
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            scaling = dict(self.rope_scaling)
+            rope_type = scaling.pop("rope_type", scaling.pop("type", None))
+            scaling.pop("rope_theta", None)  # the 5.x spelling carries θ inside; the field rope_theta holds it
             if rope_type == "default":
                 self.rope_scaling = None
             elif rope_type != "llama3":
                 raise ValueError(f"model config: rope_scaling type {rope_type!r} is not supported (llama3 or none)")
+            else:
+                self.rope_scaling = {"rope_type": "llama3", **scaling}
 
     # --- Hugging Face config.json -------------------------------------------------------------------------------
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ApertusConfig:
-        """Read a transformers config dict, 4.x spelling (rope_theta + rope_scaling) or 5.x (rope_parameters)."""
+        """Read a transformers config dict, 4.x spelling (rope_theta + rope_scaling) or 5.x (rope_parameters).
+
+        A config with neither RoPE key (what this package wrote for plain RoPE before it named RoPE explicitly)
+        or with `rope_scaling: null` (4.x's plain RoPE) reads as plain RoPE. When both spellings are present they
+        must agree: transformers 5 reads `rope_scaling` first and 4.x reads only it, so a mismatch would load
+        differently depending on the version.
+        """
         if d.get("model_type") != "apertus":
             raise ValueError(f"model_type is {d.get('model_type')!r}, expected 'apertus'")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        new, old = d.get("rope_parameters"), d.get("rope_scaling")
+        if new and old and _rope_key(new, d.get("rope_theta")) != _rope_key(old, d.get("rope_theta")):
+            raise ValueError(f"rope_parameters {new} and rope_scaling {old} disagree; keep one of them")
+        rope = new or old
         if rope:
             rope = dict(rope)
             if "rope_theta" in rope:
@@ -103,16 +116,27 @@ class ApertusConfig:
             raise ValueError("post_norm=true Apertus checkpoints are not supported (the released models are pre-norm)")
         return cls(**kw)
 
+    def rope_parameters(self) -> dict[str, Any]:
+        """The RoPE as transformers 5.x spells it: rope_type ("default" for plain RoPE), rope_theta, scaling."""
+        rope = dict(self.rope_scaling) if self.rope_scaling is not None else {"rope_type": "default"}
+        return {**rope, "rope_theta": self.rope_theta}
+
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """The config.json transformers (4.56+ and 5.x), vLLM and llama.cpp's converter read."""
+        """The config.json transformers (4.56+ and 5.x), vLLM and llama.cpp's converter read.
+
+        The RoPE is written out in full in both spellings, `rope_type: "default"` included for plain RoPE: a config
+        that leaves it out gets transformers' ApertusConfig default (llama3 scaling, θ 12M) instead. Transformers 5
+        reads `rope_scaling` before `rope_parameters`, so both carry the same dict, θ included; 4.56 reads
+        `rope_scaling` with the top-level `rope_theta` (and ignores the extra key).
+        """
         d = {"architectures": ["ApertusForCausalLM"], "model_type": "apertus"}
         d.update(dataclasses.asdict(self))
         d.pop("mlp_bias")
         d["qk_norm"], d["post_norm"] = self.qk_norm, False
         d["torch_dtype"] = dtype
         d["use_cache"] = True
-        if self.rope_scaling is None:
-            d.pop("rope_scaling")
+        d["rope_scaling"] = self.rope_parameters()
+        d["rope_parameters"] = self.rope_parameters()
         return d
 
     # --- derived quantities ---------------------------------------------------------------------------------------
@@ -151,6 +175,14 @@ class ApertusConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         return torch.where(medium, smoothed, scaled)
+
+
+def _rope_key(rope: dict, theta: float | None) -> tuple:
+    """A RoPE dict reduced to what it means (type, θ, scaling numbers), to compare two spellings."""
+    rope = dict(rope)
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", theta)
+    return rope_type, theta, tuple(sorted(rope.items()))
 
 
 PRESETS: dict[str, ApertusConfig] = {
