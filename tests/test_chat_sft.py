@@ -296,3 +296,9 @@ def test_formats_differ_where_apertus_said(tok):
     assert release.split("<|user_start|>")[1] == sft.split("<|user_start|>")[1]  # the turns themselves agree
     with pytest.raises(ValueError, match="unknown chat format"):
         encode_chat(tok, conv, format="chatml")
+
+
+def test_one_turn_with_a_system_message_is_the_same_in_both_formats(tok):
+    """What recipes/sft_tiny.toml states: GSM8K rows with a system message train on the same tokens either way."""
+    conv = [SYS, U, {"role": "assistant", "content": "#### 4"}]
+    assert encode_chat(tok, conv, format="apertus-sft") == encode_chat(tok, conv, format="release")

@@ -157,10 +157,17 @@ def _final_turn_problem(messages) -> str | None:
     return None
 
 
-def encode(tokenizer, conv: dict, max_len: int, date=None) -> tuple[list[int], list[bool]] | str:
-    """(ids, assistant mask) of a conversation for SFT, or the reason it is skipped (one of SKIP_REASONS)."""
-    from ..chat import encode_chat
+def encode(tokenizer, conv: dict, max_len: int, date=None,
+           format: str = "apertus-sft") -> tuple[list[int], list[bool]] | str:
+    """(ids, assistant mask) of a conversation for SFT, or the reason it is skipped (one of SKIP_REASONS).
 
+    `format` is the chat format (chat.encode_chat): "apertus-sft", the template Apertus was fine-tuned with (the
+    default), or "release", the released template inference uses; `date` fills the latter's default system prompt.
+    """
+    from ..chat import CHAT_FORMATS, encode_chat
+
+    if format not in CHAT_FORMATS:  # checked here: encode_chat's ValueError would count every row as invalid
+        raise ValueError(f"chat data: unknown chat format {format!r} (one of {', '.join(CHAT_FORMATS)})")
     if "error" in conv:
         return "invalid"
     problem = _final_turn_problem(conv["messages"])
@@ -168,7 +175,7 @@ def encode(tokenizer, conv: dict, max_len: int, date=None) -> tuple[list[int], l
         return problem
     try:
         ids, mask = encode_chat(tokenizer, conv["messages"], tools=conv["tools"],
-                                enable_thinking=conv["enable_thinking"], date=date)
+                                enable_thinking=conv["enable_thinking"], date=date, format=format)
     except ValueError:
         return "invalid"
     if not any(mask):

@@ -47,6 +47,7 @@ class Data:
     val_sources: list = field(default_factory=list)  # held-out conversations: validation loss
     tokenizer: str | None = None  # tokenizer.json; default: the init_from checkpoint's
     date: str = ""  # "Current date" of the default system prompt; "": the day the run starts (kept on resume)
+    format: str = "apertus-sft"  # chat format: "apertus-sft" (Apertus' SFT template) or "release" (chat.encode_chat)
     packing: bool = True
 
 
@@ -349,11 +350,11 @@ def log(d: Dist, text: str):
 # --- SFT -------------------------------------------------------------------------------------------------------------
 
 
-def encode_all(tokenizer, conversations: list[dict], max_len: int, date: str):
+def encode_all(tokenizer, conversations: list[dict], max_len: int, date: str, format: str = "apertus-sft"):
     """(examples, skip counts) for the conversations that can be trained on."""
     examples, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
     for conv in conversations:
-        out = encode(tokenizer, conv, max_len, date)
+        out = encode(tokenizer, conv, max_len, date, format)
         if isinstance(out, str):
             skipped[out] += 1
         else:
@@ -389,7 +390,7 @@ def sft(recipe: SFTRecipe, out_dir: str | Path, d: Dist | None = None) -> dict:
     torch.manual_seed(t.seed)
     tok = load_tokenizer(recipe.data.tokenizer, recipe.init_from, recipe.model.vocab_size)
     date = run_date(recipe.data.date, out)
-    examples, skipped = encode_all(tok, read_sources(recipe.data.sources), t.seq_len + 1, date)
+    examples, skipped = encode_all(tok, read_sources(recipe.data.sources), t.seq_len + 1, date, recipe.data.format)
     if not examples:
         raise ValueError(f"sft: no conversation left to train on (skipped: {skipped})")
     rows = pack([len(x) for x, _ in examples], t.seq_len, recipe.data.packing, t.seed)
@@ -403,7 +404,8 @@ def sft(recipe: SFTRecipe, out_dir: str | Path, d: Dist | None = None) -> dict:
            + ", ".join(f"{k} {v}" for k, v in skipped.items()))
     validate = None
     if recipe.data.val_sources:
-        val_examples, val_skipped = encode_all(tok, read_sources(recipe.data.val_sources), t.seq_len + 1, date)
+        val_examples, val_skipped = encode_all(tok, read_sources(recipe.data.val_sources), t.seq_len + 1, date,
+                                               recipe.data.format)
         stats["val"] = {"conversations": len(val_examples), "skipped": val_skipped}
         if val_examples:
             val_rows = pack([len(x) for x, _ in val_examples], t.seq_len, recipe.data.packing, t.seed)
