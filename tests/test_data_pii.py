@@ -115,24 +115,80 @@ def test_labelled_set_precision_recall():
     assert exact["iban"][1] < report["iban"][1]
 
 
+# swiss-ai/pretrain-data src/data_pipeline_pretrain/pipeline/formatters/pii_formatter.py, transcribed here (not
+# imported from apertus.data.pii): its three regexes, and PIIFormatter.format's algorithm for each kind in turn
+# (email, IP, IBAN): `matches = regex.findall(text)`; for each match not yet in the document's set of detected PII,
+# add it to the set and `text = text.replace(match, "<kind-pii>")`.
+REF_EMAIL = re.compile(
+    r"\b[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
+    r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?|\[(?:(?:25[0-5]|2[0-4]"
+    r"[0-9]|[01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?|[A-Za-z0-9-]*[A-Za-z0-9]:)])")
+REF_IP = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.){3}(?:25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)")
+REF_IBAN = re.compile(r"[A-Z]{2}[0-9]{2}(?: [0-9]{4}){4} [A-Z0-9]{1,2}")
+
+
 def _apertus_formatter(text):
-    """swiss-ai/pretrain-data PIIFormatter.format, re-stated: findall per kind, str.replace per new match."""
-    seen = set()
-    for regex, token in ((pii.APERTUS_EMAIL, "<email-pii>"), (pii.APERTUS_IP, "<ip-pii>"),
-                         (pii.APERTUS_IBAN, "<iban-pii>")):
-        for m in re.findall(regex, text):
-            if m not in seen:
-                seen.add(m)
-                text = text.replace(m, token)
+    detected = set()
+    for regex, token in ((REF_EMAIL, "<email-pii>"), (REF_IP, "<ip-pii>"), (REF_IBAN, "<iban-pii>")):
+        for match in regex.findall(text):
+            if match not in detected:
+                detected.add(match)
+                text = text.replace(match, token)
     return text
+
+
+# Where str.replace of each distinct match differs from replacing each match in place: (text, exact, default).
+REPLACE_QUIRKS = [
+    ("192.168.1.1 and 192.168.1.100", "<ip-pii> and <ip-pii>00", "<ip-pii> and <ip-pii>"),
+    ("a@b.com, xa@b.com", "<email-pii>, x<email-pii>", "<email-pii>, <email-pii>"),
+    ("10.0.0.1 10.0.0.1 10.0.0.12", "<ip-pii> <ip-pii> <ip-pii>2", "<ip-pii> <ip-pii> <ip-pii>"),
+    ("1.2.3.4 and 11.2.3.4", "<ip-pii> and 1<ip-pii>", "<ip-pii> and <ip-pii>"),
+    ("CH93 0076 2011 6238 5295 7 or CH93 0076 2011 6238 5295 78", "<iban-pii> or <iban-pii>8",
+     "<iban-pii> or <iban-pii>"),
+]
 
 
 def test_exact_mode_matches_the_apertus_formatter():
     for text, _, _ in _items():
         assert anonymize(text, exact=True)[0] == _apertus_formatter(text), text
+    for text, exact, default in REPLACE_QUIRKS:
+        assert _apertus_formatter(text) == exact  # the transcription shows the quirk ...
+        assert anonymize(text, exact=True)[0] == exact  # ... exact mode reproduces it ...
+        assert anonymize(text)[0] == default  # ... and the default does not
+    assert anonymize("10.0.0.1 10.0.0.1 10.0.0.12", exact=True)[1]["ip"] == 3  # counts are replacements made
     # the known quirks of the verbatim regexes are reproduced in exact mode, not in the default
     assert anonymize("v1.2.3.4.5", exact=True)[0] == "v<ip-pii>.5"
     assert anonymize("v1.2.3.4.5")[0] == "v1.2.3.4.5"
+
+
+def test_exact_mode_on_random_texts():
+    import random
+
+    rng = random.Random(0)
+    pieces = IPS[:8] + EMAILS[:8] + ["1.2.3", "9", "00", ".", " ", "x", "@", "ab.cd", "192.168.1.", "25", "DE89 3704 0044"
+                                     " 0532 0130 00", "CH93 0076 2011 6238 5295 7", "0", "mail", "-", "\n"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        assert anonymize(text, exact=True)[0] == _apertus_formatter(text), text
+
+
+def test_apertus_iban_regex_sees_only_grouped_21_to_22_characters():
+    """What the README says of the Apertus IBAN regex, on the labelled IBANs (all checksum-valid)."""
+    lengths = {}
+    for iban in IBANS:
+        printed = " ".join(iban[j:j + 4] for j in range(0, len(iban), 4))
+        assert anonymize(iban, exact=True)[0] == iban  # every compact IBAN is missed
+        out = anonymize(printed, exact=True)[0]
+        numeric = iban[4:20].isdigit()
+        if numeric and len(iban) in (21, 22):
+            assert out == "<iban-pii>", printed  # replaced whole
+        elif numeric and len(iban) > 22:
+            assert out.startswith("<iban-pii>") and len(out) > len("<iban-pii>"), printed  # a tail is left behind
+        else:
+            assert out == printed, printed  # shorter ones, and letters in the first groups: missed
+        lengths[len(iban)] = out == "<iban-pii>" or lengths.get(len(iban), False)
+        assert anonymize(iban)[0] == anonymize(printed)[0] == "<iban-pii>"  # the default finds both forms
+    assert {n for n, whole in lengths.items() if whole} == {21, 22}
 
 
 CARDS = ["4111 1111 1111 1111", "5555-5555-5555-4444", "378282246310005", "6011111111111117", "4012888888881881",

@@ -1,12 +1,20 @@
 """PII replacement as in the Apertus data pipeline (SPEC §5): emails, IPv4 addresses and IBANs become placeholder
 tokens that exist in the Apertus vocabulary (`<email-pii>` 37, `<ip-pii>` 38, `<iban-pii>` 36).
 
-`APERTUS_*` are the regexes of swiss-ai/pretrain-data `pii_formatter.py`, verbatim; `anonymize(exact=True)` applies
-them exactly as Apertus did (email, then IP, then IBAN). The default adds two guards, both documented deviations:
-an IP must not sit inside a longer dotted number ("1.2.3.4.5", "256.1.1.1" would otherwise lose a piece), and IBANs
-are also found in compact form and in every country's length when their ISO 13616 mod-97 checksum holds (the
-Apertus regex only sees the printed form with 4x4 digit groups, i.e. misses AT, BE, FR, GB, IT, NL, ...).
-Everything the Apertus regexes replace, the default replaces too, except those partial IP matches.
+`APERTUS_*` are the regexes of swiss-ai/pretrain-data `pii_formatter.py`, verbatim. `anonymize(exact=True)` applies
+them exactly as that formatter does, byte for byte: per kind (email, then IP, then IBAN) it finds all matches, then
+calls `str.replace(match, placeholder)` for each match not seen before in the document. So a matched string is also
+replaced where it sits inside a longer one: "192.168.1.1 and 192.168.1.100" -> "<ip-pii> and <ip-pii>00", and
+"a@b.com, xa@b.com" -> "<email-pii>, x<email-pii>".
+
+The default is cleaner, with documented deviations: each match is replaced in place (`re.sub`, never inside another
+token); an IP must not sit inside a longer dotted number ("1.2.3.4.5", "256.1.1.1" would otherwise lose a piece);
+and IBANs are found in every country's length, compact or printed in groups, when their ISO 13616 mod-97 checksum
+holds. The Apertus IBAN regex matches only the printed form with four 4-digit groups and 1-2 more characters: it
+finds IBANs of 21-22 characters whose first 16 BBAN characters are digits (CH, DE, HR, ...), replaces only the first
+22 characters of longer such IBANs (FR, IT, ...: the tail is left behind), and misses every compact IBAN and every
+IBAN with letters in its first groups (GB, NL, ...). Everything the Apertus regexes replace, the default replaces too,
+except those partial IP and IBAN matches.
 
 The opt-in extended set adds phone numbers and payment-card numbers (Luhn-checked). The engine's PII output filter
 reuses these compiled patterns: import them from here.
@@ -112,17 +120,31 @@ def _phone_ok(s: str) -> bool:
     return 8 <= n <= 15 if s.startswith("+") else 9 <= n <= 12 if s.startswith("0") else n == 10
 
 
+def _apertus_replace(pattern: re.Pattern, kind: str, text: str, counts: dict, seen: set) -> str:
+    """The Apertus formatter's step for one kind: findall, then str.replace for each match not seen in the document
+    before (in any kind), everywhere in the text."""
+    for match in pattern.findall(text):
+        if match not in seen:
+            seen.add(match)
+            counts[kind] += text.count(match)
+            text = text.replace(match, PLACEHOLDERS[kind])
+    return text
+
+
 def anonymize(text: str, *, extended: bool = False, exact: bool = False) -> tuple[str, dict[str, int]]:
     """Replace PII by placeholders; returns (new_text, {kind: replacements}).
 
     Kinds: email, ip, iban (+ phone, card when `extended`). `exact=True` reproduces the Apertus formatter
-    byte for byte (its three regexes, in its order) and ignores `extended`.
+    byte for byte (its three regexes, its order, its str.replace of each distinct match; see the module docstring)
+    and ignores `extended`.
     """
     counts = {"email": 0, "ip": 0, "iban": 0}
-    text = _sub(EMAIL_RE, "email", text, counts)
     if exact:
-        text = _sub(APERTUS_IP_RE, "ip", text, counts)
-        return _sub(APERTUS_IBAN_RE, "iban", text, counts), counts
+        seen: set[str] = set()
+        for pattern, kind in ((EMAIL_RE, "email"), (APERTUS_IP_RE, "ip"), (APERTUS_IBAN_RE, "iban")):
+            text = _apertus_replace(pattern, kind, text, counts, seen)
+        return text, counts
+    text = _sub(EMAIL_RE, "email", text, counts)
     text = _sub(IP_RE, "ip", text, counts)
     spans = _iban_spans(text)  # whole valid IBANs first, so the Apertus regex cannot cut one in two
     for a, b in reversed(spans):
