@@ -9,7 +9,8 @@ renders; tests check that on many conversations. It differs from the released te
 - each assistant message is wrapped in its own start/end tokens; tool outputs are blocks inside the assistant message
   (`[...]`, a space before the next block), and there is no `tool` role or `tool_calls` field;
 - the special tokens carry their SFT-time names `<SPECIAL_61>`...`<SPECIAL_72>` (renamed at release; same ids), and
-  the template writes no `<s>` (Apertus added it: posttraining's `add_bos_to_chat_template`, its example `<s><SPECIAL_61>...`).
+  the template writes no `<s>` (Apertus added it: posttraining's `add_bos_to_chat_template`, and its example of the
+  format starts `<s><SPECIAL_61>`).
 
 `sft_messages` turns a conversation in the shapes chat.py accepts (OpenAI tool calls and `tool` messages, a
 `tools` list, `enable_thinking`) into the template's input; `sft_segments` gives the (text, written_by_assistant)
@@ -34,11 +35,6 @@ def _is_sequence(x) -> bool:
     return x is not _MISSING and hasattr(x, "__len__") and hasattr(x, "__getitem__")
 
 
-def _attr(x, key):
-    """jinja's `x.key` on a mapping or anything else (a list's `.parts` is undefined)."""
-    return _get(x, key)
-
-
 def sft_segments(messages, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The SFT template's output as (text, written_by_assistant) pieces; joined, it is `render_sft`."""
     try:
@@ -50,8 +46,8 @@ def sft_segments(messages, add_generation_prompt: bool = False) -> list[tuple[st
 def _sft_segments(messages, add_generation_prompt):
     out: list[tuple[str, bool]] = []
     emit = lambda text, assistant=False: out.append((text, assistant))  # noqa: E731
-    if messages and _attr(messages[0], "role") == "system":
-        content = _attr(messages[0], "content")
+    if messages and _get(messages[0], "role") == "system":
+        content = _get(messages[0], "content")
         if isinstance(content, str):
             text = content
         elif isinstance(content, Mapping) and "text" in content:
@@ -63,21 +59,21 @@ def _sft_segments(messages, add_generation_prompt):
     else:
         emit(S_START + S_END)
         rest = messages
-    if rest and _attr(rest[0], "role") == "developer":
-        emit(D_START + _developer_text(_attr(rest[0], "content")) + D_END)
+    if rest and _get(rest[0], "role") == "developer":
+        emit(D_START + _developer_text(_get(rest[0], "content")) + D_END)
         loop = rest[1:]
     else:
         emit(D_START + "Deliberation: disabled\nTool Capabilities: disabled" + D_END)
         loop = rest
     for message in loop:
-        role, content = _attr(message, "role"), _attr(message, "content")
+        role, content = _get(message, "role"), _get(message, "content")
         if role == "user":
             if isinstance(content, str):
                 text = content
             elif _is_sequence(content):
-                parts = _attr(content, "parts")
-                text = "".join(_out(_attr(p, "text")) for p in ([] if parts is _MISSING else parts)
-                               if _attr(p, "type") == "text")
+                parts = _get(content, "parts")
+                text = "".join(_out(_get(p, "text")) for p in ([] if parts is _MISSING else parts)
+                               if _get(p, "type") == "text")
             else:
                 raise ValueError(f"Invalid user content: {_out(content)}")
             emit(U_START + text + U_END)
@@ -86,7 +82,7 @@ def _sft_segments(messages, add_generation_prompt):
             if isinstance(content, str):
                 emit(content, True)
             elif _is_sequence(content):
-                _assistant_blocks(_attr(content, "blocks"), emit)
+                _assistant_blocks(_get(content, "blocks"), emit)
             else:
                 raise ValueError(f"Invalid assistant content: {_out(content)}")
             emit(A_END, True)
@@ -101,9 +97,9 @@ def _developer_text(content) -> str:
     if content is _MISSING or not isinstance(content, (str, Mapping)):  # jinja's `in` needs a container
         raise ValueError(f"Invalid developer content: {content!r}")
     # on a string, `"has_thinking" in content` is a substring test and `content.has_thinking` is undefined
-    text = "Deliberation: " + ("enabled" if _truthy(_attr(content, "has_thinking")) else "disabled") + "\n" \
+    text = "Deliberation: " + ("enabled" if _truthy(_get(content, "has_thinking")) else "disabled") + "\n" \
         if "has_thinking" in content else "Deliberation: disabled\n"
-    tools = _attr(content, "formatted_tools")
+    tools = _get(content, "formatted_tools")
     return text + (_cat("Tool Capabilities:\n", tools) if "formatted_tools" in content and _truthy(tools)
                    else "Tool Capabilities: disabled")
 
@@ -112,30 +108,30 @@ def _assistant_blocks(blocks, emit):
     blocks = [] if blocks is _MISSING else list(blocks)
     in_inner = False
     for k, block in enumerate(blocks):
-        kind = _attr(block, "type")
+        kind = _get(block, "type")
         if kind == "thoughts":
             if not in_inner:
                 in_inner = True
                 emit(INNER, True)
-            emit(_out(_attr(block, "text")), True)
+            emit(_out(_get(block, "text")), True)
         elif kind == "tool_calls":
-            calls = _attr(block, "calls")
+            calls = _get(block, "calls")
             calls = [] if calls is _MISSING else calls
-            if in_inner and k > 0 and len(calls) == 1 and _attr(calls[0], "name") == "display_answers":
+            if in_inner and k > 0 and len(calls) == 1 and _get(calls[0], "name") == "display_answers":
                 in_inner = False
                 emit(OUTER, True)
-            emit(T_START + "[" + ", ".join(_cat('{"', _attr(c, "name"), '": ', _attr(c, "arguments"), "}")
+            emit(T_START + "[" + ", ".join(_cat('{"', _get(c, "name"), '": ', _get(c, "arguments"), "}")
                                            for c in calls) + "]" + T_END, True)
         elif kind == "tool_outputs":
-            outputs = _attr(block, "outputs")
+            outputs = _get(block, "outputs")
             outputs = [] if outputs is _MISSING else outputs
-            emit("[" + ", ".join(_out(_attr(o, "output")) for o in outputs) + "]" + (" " if k < len(blocks) - 1
+            emit("[" + ", ".join(_out(_get(o, "output")) for o in outputs) + "]" + (" " if k < len(blocks) - 1
                                                                                         else ""))
         elif kind == "response":
             if k > 0 and in_inner:
                 in_inner = False
                 emit(OUTER, True)
-            emit(_out(_attr(block, "text")), True)
+            emit(_out(_get(block, "text")), True)
         else:
             raise ValueError(f"Invalid block type: {_cat(kind)}")
 
