@@ -19,7 +19,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
     with pytest.raises(RuntimeError):
         atomic_write(target, failing)
-    assert target.read_text() == "old\r\n"
+    assert target.read_bytes() == b"old\r\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left behind
 
 
