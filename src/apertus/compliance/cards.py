@@ -196,11 +196,8 @@ def _size_bucket(tokens: int) -> str:
             else "more than 10 trillion tokens")
 
 
-def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], model_run: Path | None) -> str:
-    out = [f"# Public summary of training content: {model_name}", "",
-           "Following the sections of the EU AI Office template for the public summary of the content used to train "
-           "a general-purpose AI model (Art. 53(1)(d) AI Act). Generated from the run manifests.", "",
-           "## 1. General information", "", "### 1.1 Provider", "", f"- Provider: {provider}", "",
+def _eu_general(t: Trace, model_name: str, provider: str, datasets: list[Path], model_run: Path | None) -> list[str]:
+    out = ["## 1. General information", "", "### 1.1 Provider", "", f"- Provider: {provider}", "",
            "### 1.2 Model", "", f"- Model: {model_name}"]
     if model_run is not None:
         rp = model_run / RUN_FILE
@@ -216,7 +213,29 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
         out += [f"- Dataset `{man['name']}`: {t.derived(total, 'sum of shards[*].n_tokens', mp)} tokens "
                 f"({_size_bucket(total)}); {t.num(mp, 'languages')} languages in the training split",
                 "- Languages: " + ", ".join(sorted(man["funnel"]["by_language"])[:400])]
-    out += ["", "## 2. List of data sources", "", "### 2.1 Publicly available datasets", ""]
+    return out
+
+
+def _eu_crawled(t: Trace, datasets: list[Path]) -> list[str]:
+    from ..data.optout import host_of
+    from ..data.shards import read_index
+
+    out = []
+    for d in datasets:
+        urls = [u for u in read_index(d, columns=["url"])["url"].to_pylist() if u]
+        if urls:
+            hosts = Counter(host_of(u) for u in urls)
+            top = [h for h, _ in hosts.most_common(max(1, len(hosts) // 10))]
+            n = t.derived(len(hosts), "distinct URL hosts in documents.parquet", d / "documents.parquet")
+            out.append(f"- `{d.name}`: {n}"
+                       f" domains; top 10% by documents: {', '.join(top)}")
+        else:
+            out.append(f"- `{d.name}`: no document carries a URL")
+    return out
+
+
+def _eu_sources(t: Trace, datasets: list[Path]) -> list[str]:
+    out = ["## 2. List of data sources", "", "### 2.1 Publicly available datasets", ""]
     for d in datasets:
         mp = d / "manifest.json"
         man = t.load(mp)
@@ -228,32 +247,21 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
     out += ["", "### 2.2 Private datasets obtained from third parties", "", "- None used.", "",
             "### 2.3 Data crawled and scraped from online sources", "",
             "- The provider ran no crawler. Web text comes from the public datasets of 2.1 with the URLs they carry."]
-    for d in datasets:
-        from ..data.optout import host_of
-        from ..data.shards import read_index
-
-        urls = [u for u in read_index(d, columns=["url"])["url"].to_pylist() if u]
-        if urls:
-            hosts = Counter(host_of(u) for u in urls)
-            top = [h for h, _ in hosts.most_common(max(1, len(hosts) // 10))]
-            n = t.derived(len(hosts), "distinct URL hosts in documents.parquet", d / "documents.parquet")
-            out.append(f"- `{d.name}`: {n}"
-                       f" domains; top 10% by documents: {', '.join(top)}")
-        else:
-            out.append(f"- `{d.name}`: no document carries a URL")
+    out += _eu_crawled(t, datasets)
+    synthetic = [s["name"] for d in datasets for s in t.load(d / "manifest.json")["recipe"]["sources"]
+                 if s.get("kind") == "synthetic"]
     out += ["", "### 2.4 User data", "", "- None.", "", "### 2.5 Synthetic data", "",
-            "- " + ("Sources of kind `synthetic`: " + ", ".join(
-                s["name"] for d in datasets for s in t.load(d / "manifest.json")["recipe"]["sources"]
-                if s.get("kind") == "synthetic") if any(s.get("kind") == "synthetic" for d in datasets for s in
-                                                        t.load(d / "manifest.json")["recipe"]["sources"])
-                    else "None."),
-            "", "### 2.6 Other sources", "", "- Memorization probes (see the data card), if any.", "",
-            "## 3. Data processing", "", "### 3.1 Respect of reservations of rights (text and data mining opt-out)", ""]
+            "- " + ("Sources of kind `synthetic`: " + ", ".join(synthetic) if synthetic else "None."),
+            "", "### 2.6 Other sources", "", "- Memorization probes (see the data card), if any."]
+    return out
+
+
+def _eu_optout(t: Trace, datasets: list[Path]) -> list[str]:
+    out = ["### 3.1 Respect of reservations of rights (text and data mining opt-out)", ""]
     for d in datasets:
         mp = d / "manifest.json"
         man = t.load(mp)
-        steps = man["recipe"].get("steps", {})
-        if "optout" in steps:
+        if "optout" in man["recipe"].get("steps", {}):
             out.append(f"- `{man['name']}`: robots.txt snapshots honoured retroactively for the AI crawler agents "
                        "of the Apertus pipeline (and `*`); absent robots.txt = kept.")
             for src, evs in man["funnel"]["by_source"].items():
@@ -267,11 +275,15 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
                        f"(report `{rem['report']}`)")
         out.append("- Removal requests: `apertus optout apply` (URLs, domains, text hashes) rebuilds the affected "
                    "shards; `apertus optout check` answers whether a URL or text was used and in which stage.")
-    out += ["", "### 3.2 Removal of illegal and harmful content", ""]
+    return out
+
+
+def _eu_processing(t: Trace, datasets: list[Path]) -> list[str]:
+    out = ["## 3. Data processing", "", *_eu_optout(t, datasets), "", "### 3.2 Removal of illegal and harmful content",
+           ""]
     for d in datasets:
         mp = d / "manifest.json"
-        man = t.load(mp)
-        for src, evs in man["funnel"]["by_source"].items():
+        for src, evs in t.load(mp)["funnel"]["by_source"].items():
             for e in sorted(evs):
                 if e.startswith(("pii:", "toxicity")):
                     what = "placeholders" if e.startswith("pii:") else "documents removed"
@@ -280,6 +292,15 @@ def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], m
     out += ["", "### 3.3 Other information", "",
             "- A PII output filter (e-mails, IBANs, card numbers, IPs, phones, hashed removal requests) is available "
             "for generation (`apertus redact`, the engine's filter option)."]
+    return out
+
+
+def eu_summary(t: Trace, model_name: str, provider: str, datasets: list[Path], model_run: Path | None) -> str:
+    out = [f"# Public summary of training content: {model_name}", "",
+           "Following the sections of the EU AI Office template for the public summary of the content used to train "
+           "a general-purpose AI model (Art. 53(1)(d) AI Act). Generated from the run manifests.", "",
+           *_eu_general(t, model_name, provider, datasets, model_run), "", *_eu_sources(t, datasets), "",
+           *_eu_processing(t, datasets)]
     return "\n".join(out) + "\n"
 
 
@@ -303,6 +324,111 @@ def _eval_results(root: Path) -> list[Path]:
     return found
 
 
+def _model_section(t: Trace, model_run: Path, fm: dict) -> list[str]:
+    """The architecture table from the model's config.json; records the base model in the front matter."""
+    rp = model_run / RUN_FILE
+    run = t.load(rp)
+    body = []
+    cfg_path = _model_config(model_run, run["artifacts"])
+    if cfg_path is not None and cfg_path.is_file():
+        body += ["## Model", "", "| | |", "|---|---:|"]
+        if "parameters" in run.get("metrics", {}):
+            body.append(f"| parameters | {t.num(rp, 'metrics', 'parameters')} |")
+        for key, label in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size"),
+                           ("num_attention_heads", "attention heads"), ("num_key_value_heads", "key-value heads"),
+                           ("intermediate_size", "MLP size (xIELU)"), ("vocab_size", "vocabulary"),
+                           ("max_position_embeddings", "context length"), ("rope_theta", "RoPE theta")):
+            if key in t.load(cfg_path):
+                fmt = "{:,.0f}" if key == "rope_theta" else "{:,}"
+                body.append(f"| {label} | {t.num(cfg_path, key, fmt=fmt)} |")
+        body.append("")
+    base = next((p["path"] for p in run.get("parents", [])), None)
+    if base:
+        fm["base_model"] = Path(base).name
+    return body
+
+
+def _training_section(t: Trace, runs: list[Path], model_run: Path | None) -> list[str]:
+    body = ["## Training", "", "| run | kind | tokens | FLOPs | wall time (s) | energy, ESTIMATE (kWh) |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        rp = r / RUN_FILE
+        run = t.load(rp)
+        energy = t.num(rp, "energy", "kwh", fmt="{:.3g}") if run.get("energy") else NOT_RECORDED
+        body.append(f"| `{t._rel(r) or '.'}` | {run['kind']} | {t.num(rp, 'tokens')} | "
+                    f"{t.num(rp, 'flops', fmt='{:.3g}')} | {t.num(rp, 'wall_time_s', fmt='{:,.1f}')} | {energy} |")
+    body.append("")
+    body.append("Energy is an estimate (device power x devices x wall time, nothing measured); the assumed power is in "
+                "each run.json under `energy`.")
+    if model_run is not None:
+        rp = model_run / RUN_FILE
+        run = t.load(rp)
+        hw, code = run["hardware"], run["code"]
+        body += ["", f"- Hardware: {hw.get('cpu')} ({hw.get('cpu_count')} CPUs)"
+                 + (f", {', '.join(hw['accelerators'])}" if hw.get("accelerators") else ""),
+                 f"- Code: apertus {code.get('apertus')}, commit {code.get('git_commit') or NOT_RECORDED}"
+                 + (" (uncommitted changes)" if code.get("git_dirty") else ""),
+                 f"- Seeds: `{json.dumps(run['seeds'])}`"]
+        train = run["config"].get("train", {}) if isinstance(run["config"], dict) else {}
+        if train.get("goldfish_k"):
+            body.append(f"- Goldfish loss: k = {t.num(rp, 'config', 'train', 'goldfish_k')}, "
+                        f"h = {t.num(rp, 'config', 'train', 'goldfish_h')} (a token in every k is not trained on)")
+    return body
+
+
+def _eval_section(t: Trace, model_name: str, evals: list[Path], fm: dict) -> list[str]:
+    """One table per results.json; the same figures go into the front matter's model-index."""
+    body, index = ["", "## Evaluation", ""], []
+    for ep in evals:
+        res = t.load(ep)
+        body += [f"From `{t._rel(ep)}`:", "", "| task | metric | value | ± stderr | n |",
+                 "|---|---|---:|---:|---:|"]
+        metrics = []
+        for task, r in res["tasks"].items():
+            for m in ("acc", "acc_norm", "exact_match", "bpb"):
+                if m in r and r[m] is not None:
+                    err = t.num(ep, "tasks", task, m + "_stderr", fmt="{:.4f}") if r.get(m + "_stderr") \
+                        is not None else "–"
+                    body.append(f"| {task} | {m} | {t.num(ep, 'tasks', task, m, fmt='{:.4f}')} | {err} | "
+                                f"{t.num(ep, 'tasks', task, 'n')} |")
+                    metrics.append({"type": m, "value": r[m], "name": f"{task} {m}"})
+                    break
+        body.append("")
+        index.append({"task": {"type": "text-generation"}, "dataset": {"name": ep.parent.name,
+                                                                        "type": ep.parent.name},
+                      "metrics": metrics})
+    fm["model-index"] = [{"name": model_name, "results": index}]
+    return body
+
+
+COMPLIANCE_SECTION = [
+    "", "## Compliance", "",
+    "- Training data: robots.txt opt-out honoured retroactively (SPEC §5), PII replaced by placeholders "
+    "(e-mail, IP, IBAN), toxic documents filtered per language, deduplication; details and counts in "
+    "`DATA_CARD.md`.",
+    "- Removal requests: `apertus optout apply` removes documents from the built data; `apertus optout check` "
+    "tells whether a URL or a text was used.",
+    "- Outputs: a PII output filter is available (`apertus redact`, and the engine's filter option).",
+    "- Integrity: `apertus verify RUN_DIR` re-hashes every shard and checkpoint listed in the run manifests."]
+
+LIMITATIONS_SECTION = [
+    "", "## Limitations", "",
+    "- Numbers describe this run only. The energy figure is an estimate, not a measurement.",
+    "- The output filter is pattern based: it does not recognise names or addresses unless they are in the "
+    "hashed removal list."]
+
+
+def _artifact_hashes(t: Trace, runs: list[Path]) -> list[str]:
+    body = ["", "## Reproducibility", "", "| artifact | sha256 |", "|---|---|"]
+    for r in runs:
+        run = t.load(r / RUN_FILE)
+        for rel, rec in list(run["artifacts"].items())[:40]:
+            if rel.endswith((".safetensors", ".distcp", ".bin", "manifest.json", "config.json")):
+                body.append(f"| `{(t._rel(r) + '/' if t._rel(r) not in ('', '.') else '') + rel}` | "
+                            f"`{rec['sha256']}` |")
+    return body
+
+
 def model_card(t: Trace, model_name: str, runs: list[Path], model_run: Path | None, datasets: list[Path],
                evals: list[Path], license_: str) -> str:
     langs = sorted({c for d in datasets for lang in t.load(d / "manifest.json")["funnel"]["by_language"]
@@ -315,48 +441,8 @@ def model_card(t: Trace, model_name: str, runs: list[Path], model_run: Path | No
             "data card (`DATA_CARD.md`) and the public summary (`EU_PUBLIC_SUMMARY.md`) are generated from the run "
             "manifests; `card_trace.json` gives the manifest field of every number.", ""]
     if model_run is not None:
-        rp = model_run / RUN_FILE
-        run = t.load(rp)
-        cfg_path = _model_config(model_run, run["artifacts"])
-        if cfg_path is not None and cfg_path.is_file():
-            body += ["## Model", "", "| | |", "|---|---:|"]
-            if "parameters" in run.get("metrics", {}):
-                body.append(f"| parameters | {t.num(rp, 'metrics', 'parameters')} |")
-            for key, label in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size"),
-                               ("num_attention_heads", "attention heads"), ("num_key_value_heads", "key-value heads"),
-                               ("intermediate_size", "MLP size (xIELU)"), ("vocab_size", "vocabulary"),
-                               ("max_position_embeddings", "context length"), ("rope_theta", "RoPE theta")):
-                if key in t.load(cfg_path):
-                    fmt = "{:,.0f}" if key == "rope_theta" else "{:,}"
-                    body.append(f"| {label} | {t.num(cfg_path, key, fmt=fmt)} |")
-            body.append("")
-        base = next((p["path"] for p in run.get("parents", [])), None)
-        if base:
-            fm["base_model"] = Path(base).name
-    body += ["## Training", "", "| run | kind | tokens | FLOPs | wall time (s) | energy, ESTIMATE (kWh) |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in runs:
-        rp = r / RUN_FILE
-        run = t.load(rp)
-        energy = t.num(rp, "energy", "kwh", fmt="{:.3g}") if run.get("energy") else NOT_RECORDED
-        body.append(f"| `{t._rel(r) or '.'}` | {run['kind']} | {t.num(rp, 'tokens')} | "
-                    f"{t.num(rp, 'flops', fmt='{:.3g}')} | {t.num(rp, 'wall_time_s', fmt='{:,.1f}')} | {energy} |")
-    body.append("")
-    body.append("Energy is an estimate (device power x devices x wall time, nothing measured); the assumed power is in "
-                "each run.json under `energy`.")
-    if model_run is not None:
-        run = t.load(model_run / RUN_FILE)
-        hw, code = run["hardware"], run["code"]
-        body += ["", f"- Hardware: {hw.get('cpu')} ({hw.get('cpu_count')} CPUs)"
-                 + (f", {', '.join(hw['accelerators'])}" if hw.get("accelerators") else ""),
-                 f"- Code: apertus {code.get('apertus')}, commit {code.get('git_commit') or NOT_RECORDED}"
-                 + (" (uncommitted changes)" if code.get("git_dirty") else ""),
-                 f"- Seeds: `{json.dumps(run['seeds'])}`"]
-        train = run["config"].get("train", {}) if isinstance(run["config"], dict) else {}
-        if train.get("goldfish_k"):
-            rp = model_run / RUN_FILE
-            body.append(f"- Goldfish loss: k = {t.num(rp, 'config', 'train', 'goldfish_k')}, "
-                        f"h = {t.num(rp, 'config', 'train', 'goldfish_h')} (a token in every k is not trained on)")
+        body += _model_section(t, model_run, fm)
+    body += _training_section(t, runs, model_run)
     body += ["", "## Training data", "", "See `DATA_CARD.md` for sources, licences, the filter funnel and the "
              "curriculum; `EU_PUBLIC_SUMMARY.md` for the AI Act summary.", "",
              "| dataset | source | training tokens |", "|---|---|---:|"]
@@ -366,46 +452,8 @@ def model_card(t: Trace, model_name: str, runs: list[Path], model_run: Path | No
         for s in man["sources"]:
             body.append(f"| {man['name']} | {s} | {t.num(mp, 'sources', s, 'train', 'tokens')} |")
     if evals:
-        body += ["", "## Evaluation", ""]
-        index = []
-        for ep in evals:
-            res = t.load(ep)
-            body += [f"From `{t._rel(ep)}`:", "", "| task | metric | value | ± stderr | n |",
-                     "|---|---|---:|---:|---:|"]
-            metrics = []
-            for task, r in res["tasks"].items():
-                for m in ("acc", "acc_norm", "exact_match", "bpb"):
-                    if m in r and r[m] is not None:
-                        err = t.num(ep, "tasks", task, m + "_stderr", fmt="{:.4f}") if r.get(m + "_stderr") \
-                            is not None else "–"
-                        body.append(f"| {task} | {m} | {t.num(ep, 'tasks', task, m, fmt='{:.4f}')} | {err} | "
-                                    f"{t.num(ep, 'tasks', task, 'n')} |")
-                        metrics.append({"type": m, "value": r[m], "name": f"{task} {m}"})
-                        break
-            body.append("")
-            index.append({"task": {"type": "text-generation"}, "dataset": {"name": ep.parent.name,
-                                                                            "type": ep.parent.name},
-                          "metrics": metrics})
-        fm["model-index"] = [{"name": model_name, "results": index}]
-    body += ["", "## Compliance", "",
-             "- Training data: robots.txt opt-out honoured retroactively (SPEC §5), PII replaced by placeholders "
-             "(e-mail, IP, IBAN), toxic documents filtered per language, deduplication; details and counts in "
-             "`DATA_CARD.md`.",
-             "- Removal requests: `apertus optout apply` removes documents from the built data; `apertus optout check` "
-             "tells whether a URL or a text was used.",
-             "- Outputs: a PII output filter is available (`apertus redact`, and the engine's filter option).",
-             "- Integrity: `apertus verify RUN_DIR` re-hashes every shard and checkpoint listed in the run manifests.",
-             "", "## Reproducibility", "", "| artifact | sha256 |", "|---|---|"]
-    for r in runs:
-        run = t.load(r / RUN_FILE)
-        for rel, rec in list(run["artifacts"].items())[:40]:
-            if rel.endswith((".safetensors", ".distcp", ".bin", "manifest.json", "config.json")):
-                body.append(f"| `{(t._rel(r) + '/' if t._rel(r) not in ('', '.') else '') + rel}` | "
-                            f"`{rec['sha256']}` |")
-    body += ["", "## Limitations", "",
-             "- Numbers describe this run only. The energy figure is an estimate, not a measurement.",
-             "- The output filter is pattern based: it does not recognise names or addresses unless they are in the "
-             "hashed removal list."]
+        body += _eval_section(t, model_name, evals, fm)
+    body += COMPLIANCE_SECTION + _artifact_hashes(t, runs) + LIMITATIONS_SECTION
     return _front_matter(fm) + "\n" + "\n".join(body) + "\n"
 
 

@@ -140,26 +140,12 @@ def _rewrite_shard(d: Path, shard: str, rows: list[dict], remove: set[int], dtyp
     return tmp, {"n_tokens": offset, "n_docs": n_docs, "sha256": h.hexdigest()}
 
 
-def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None, urls=(), domains=(),
-                 text_hashes=(), agents=AI_AGENTS, dry_run: bool = False) -> dict:
-    """Removes every matching document from the built dataset; returns the removal report (also written to
-    `optout/removal-<time>.json` unless dry_run)."""
-    from ..data.shards import write_index
-    from ..data.steps import Funnel
-
-    d, manifest, docs = _load_dataset(dataset)
-    robots_map = load_robots(robots) if isinstance(robots, (str, Path)) else robots
-    if not (robots_map or urls or domains or text_hashes):
-        raise ValueError("nothing to remove: give --robots, --urls, --domains or --text-hashes")
-    found, unmatched = find_removals(docs, robots=robots_map, urls=urls, domains=domains, text_hashes=text_hashes,
-                                     agents=agents)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+def _removal_report(manifest: dict, docs: list[dict], found: dict[int, list[str]], unmatched: dict, criteria: dict,
+                    stamp: str, dry_run: bool) -> dict:
+    """The report of what `found` removes: every document with its reasons, and totals by source, language, reason."""
     report = {
         "format": "apertus-optout-report/1", "dataset": manifest.get("name"), "time": stamp, "dry_run": dry_run,
-        "criteria": {"robots_hosts": len(robots_map or {}), "robots_source": str(robots) if isinstance(
-            robots, (str, Path)) else None, "agents": list(agents) if robots_map else None, "urls": len(urls),
-            "domains": len(domains), "text_hashes": len(text_hashes)},
-        "unmatched_requests": unmatched, "removed": {"docs": 0, "tokens": 0, "bytes": 0},
+        "criteria": criteria, "unmatched_requests": unmatched, "removed": {"docs": 0, "tokens": 0, "bytes": 0},
         "by_source": {}, "by_language": {}, "by_reason": {}, "documents": [], "shards_rebuilt": [],
         "shards_untouched": 0,
     }
@@ -177,22 +163,21 @@ def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None
         report["removed"]["docs"] += 1
         report["removed"]["tokens"] += doc["n_tokens"]
         report["removed"]["bytes"] += doc.get("n_bytes") or 0
-    affected = sorted({docs[i]["shard"] for i in found})
-    report["shards_untouched"] = len(manifest["shards"]) - len(affected)
-    if dry_run or not found:
-        if not dry_run:
-            _write_report(d, report, stamp)
-        return report
+    report["shards_untouched"] = len(manifest["shards"]) - len({docs[i]["shard"] for i in found})
+    return report
 
+
+def _rewrite_shards(d: Path, manifest: dict, docs: list[dict], remove: set[int], report: dict):
+    """Writes the affected shards under temporary names; returns the (tmp, final) renames, the shards left empty
+    (to delete) and the manifest records of the shards that remain."""
     dtype = np.dtype(manifest["dtype"])
     by_shard = defaultdict(list)
     for i, doc in enumerate(docs):
         doc["_row"] = i
         by_shard[doc["shard"]].append(doc)
-    remove = set(found)
     renames, deletes = [], []
     records = {s["path"]: s for s in manifest["shards"]}
-    for shard in affected:
+    for shard in sorted({docs[i]["shard"] for i in remove}):
         rows = sorted(by_shard[shard], key=lambda r: r["offset"])
         tmp, rec = _rewrite_shard(d, shard, rows, remove, dtype)
         old = records[shard]
@@ -205,13 +190,16 @@ def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None
         else:
             renames.append([tmp, shard])
             old.update(rec)
-    kept = [doc for i, doc in enumerate(docs) if i not in remove]
-    for doc in kept:
+    for doc in docs:
         doc.pop("_row", None)
-    write_index(kept, d / "documents.parquet.optout-tmp.parquet")
-    renames.append(["documents.parquet.optout-tmp.parquet", "documents.parquet"])
+    return renames, deletes, records
 
-    # manifest: shards, per-source counts, funnel rows, languages, history
+
+def _update_manifest(manifest: dict, docs: list[dict], found: dict[int, list[str]], kept: list[dict],
+                     records: dict, report: dict, stamp: str) -> str:
+    """Shards, per-source counts, funnel rows, languages and the removal history; returns the report's path."""
+    from ..data.steps import Funnel
+
     manifest["shards"] = [s for s in manifest["shards"] if s["path"] in records]
     funnel = Funnel()
     funnel.merge_rows(manifest["funnel"]["rows"])
@@ -231,6 +219,36 @@ def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None
     report_rel = f"optout/removal-{stamp}.json"
     manifest.setdefault("optout", []).append({"time": stamp, "report": report_rel, **report["removed"],
                                               "criteria": report["criteria"]})
+    return report_rel
+
+
+def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None, urls=(), domains=(),
+                 text_hashes=(), agents=AI_AGENTS, dry_run: bool = False) -> dict:
+    """Removes every matching document from the built dataset; returns the removal report (also written to
+    `optout/removal-<time>.json` unless dry_run)."""
+    from ..data.shards import write_index
+
+    d, manifest, docs = _load_dataset(dataset)
+    robots_map = load_robots(robots) if isinstance(robots, (str, Path)) else robots
+    if not (robots_map or urls or domains or text_hashes):
+        raise ValueError("nothing to remove: give --robots, --urls, --domains or --text-hashes")
+    found, unmatched = find_removals(docs, robots=robots_map, urls=urls, domains=domains, text_hashes=text_hashes,
+                                     agents=agents)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    criteria = {"robots_hosts": len(robots_map or {}), "robots_source": str(robots) if isinstance(
+        robots, (str, Path)) else None, "agents": list(agents) if robots_map else None, "urls": len(urls),
+        "domains": len(domains), "text_hashes": len(text_hashes)}
+    report = _removal_report(manifest, docs, found, unmatched, criteria, stamp, dry_run)
+    if dry_run or not found:
+        if not dry_run:
+            _write_report(d, report, stamp)
+        return report
+
+    renames, deletes, records = _rewrite_shards(d, manifest, docs, set(found), report)
+    kept = [doc for i, doc in enumerate(docs) if i not in found]
+    write_index(kept, d / "documents.parquet.optout-tmp.parquet")
+    renames.append(["documents.parquet.optout-tmp.parquet", "documents.parquet"])
+    report_rel = _update_manifest(manifest, docs, found, kept, records, report, stamp)
     write_json_atomic(d / "manifest.json.optout-tmp", manifest)
     renames.append(["manifest.json.optout-tmp", "manifest.json"])
 

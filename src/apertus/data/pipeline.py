@@ -158,28 +158,11 @@ def _sources(r: dict, funnel: Funnel) -> list:
     return readers
 
 
-def phases(r: dict, out: Path) -> list[tuple[str, list, int]]:
-    """The (name, pipeline, tasks) of every phase of recipe `r` writing to `out`."""
-    from datatrove.pipeline.dedup import (
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
-    from datatrove.pipeline.dedup.exact_dedup import (
-        ExactDedupConfig,
-        ExactDedupFilter,
-        ExactDedupSignature,
-        ExactFindDedups,
-    )
-    from datatrove.pipeline.dedup.minhash import MinhashConfig
+def _filter_steps(r: dict, w: Path, funnel: Funnel) -> list:
+    """Phase 1: read the sources, language ID, quality, opt-out, PII, toxicity scores; written to work/filtered."""
     from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.hashing import HashConfig
 
-    from .langid import word_tokenizer
-
-    w, ds, steps, T = out / "work", r["dataset"], r.get("steps", {}), r["executor"]["tasks"]
-    funnel = Funnel()
+    ds, steps = r["dataset"], r.get("steps", {})
     lid_cfg = steps.get("langid")
     lid = LangID(lid_cfg.get("backend", "py3langid"), lid_cfg.get("model")) if lid_cfg is not None else None
     p1 = _sources(r, funnel)
@@ -208,10 +191,33 @@ def phases(r: dict, out: Path) -> list[tuple[str, list, int]]:
         p1.append(ToxicityScore(str(w / "tox"), tox.get("model", "lexicon"), tox.get("label"),
                                 tox.get("languages", ["eng", "zho", "fra", "deu", "ita", "nld", "pol", "spa", "por"]),
                                 tox.get("skip_kinds", ["code", "math"])))
-    p1 += [JsonlWriter(str(w / "filtered"), output_filename="${rank}.jsonl", compression=None),
-           SaveFunnel(funnel, str(w / "funnel" / "filter"))]
-    out_phases = [("filter", p1, T)]
+    return p1 + [JsonlWriter(str(w / "filtered"), output_filename="${rank}.jsonl", compression=None),
+                 SaveFunnel(funnel, str(w / "funnel" / "filter"))]
 
+
+def phases(r: dict, out: Path) -> list[tuple[str, list, int]]:
+    """The (name, pipeline, tasks) of every phase of recipe `r` writing to `out`: filter, the dedup signature and
+    matching phases, then dedup filters + toxicity cut + tokenization, then finalize."""
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+
+    from .langid import word_tokenizer
+
+    w, ds, steps, T = out / "work", r["dataset"], r.get("steps", {}), r["executor"]["tasks"]
+    out_phases = [("filter", _filter_steps(r, w, Funnel()), T)]
+    tox = steps.get("toxicity")
     dd = steps.get("dedup", {})
     exact, minhash = dd.get("exact", "dedup" in steps), dd.get("minhash", "dedup" in steps)
     econf = ExactDedupConfig(content_getter=_text)

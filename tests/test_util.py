@@ -1,0 +1,41 @@
+"""The shared chores: atomic writes leave the old file whole when the writer fails, hashes match hashlib."""
+
+import hashlib
+import json
+
+import pytest
+
+from apertus.util import atomic_write, atomic_write_json, atomic_write_text, hms, read_jsonl, sha256_file
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "old\r\n")
+    assert target.read_bytes() == b"old\r\n"  # no newline translation
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old\r\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left behind
+
+
+def test_json_round_trip_and_jsonl_errors_name_the_line(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"ü": [1, 2], "p": tmp_path})
+    text = (tmp_path / "x.json").read_text(encoding="utf-8")
+    assert "ü" in text and text.endswith("\n") and json.loads(text)["p"] == str(tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n{oops\n')
+    rows = read_jsonl(tmp_path / "x.jsonl")
+    assert [next(rows), next(rows)] == [{"a": 1}, {"a": 2}]
+    with pytest.raises(ValueError, match=r"x\.jsonl:4"):
+        next(rows)
+
+
+def test_sha256_and_durations(tmp_path):
+    data = bytes(range(256)) * 5000  # over one 1 MiB block
+    (tmp_path / "b").write_bytes(data)
+    assert sha256_file(tmp_path / "b") == hashlib.sha256(data).hexdigest()
+    assert [hms(0), hms(59.6), hms(382), hms(3 * 3600 + 5)] == ["0:00:00", "0:01:00", "0:06:22", "3:00:05"]
