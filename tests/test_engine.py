@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-from apertus import ApertusConfig, build_model
+from apertus import ApertusConfig, build_model, save_model
 from apertus.cli import main
 from apertus.infer import Engine, EngineBusy, SamplingParams
 from apertus.tokenizer import Tokenizer
@@ -32,7 +32,7 @@ def hf_checkpoint(path, seed=0, **kw):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
+    save_model(model, path)
     return model
 
 
@@ -289,7 +289,7 @@ def bigram_checkpoint(path, chains, tokenizer_json, instruct):
                 u = torch.randn(64, generator=g)
                 model.model.embed_tokens.weight[a] = u / u.norm()
                 model.lm_head.weight[b] += 50 * u / u.norm()  # a token may follow several
-    model.save_pretrained(path, instruct=instruct, extra_files={"tokenizer.json": tokenizer_json.read_text()})
+    save_model(model, path, instruct=instruct, extra_files={"tokenizer.json": tokenizer_json.read_text()})
 
 
 TEXT = "Grüezi mitenand! Ça va? Привет, мир. 日本語のテキスト 🦀 ½"
@@ -346,7 +346,7 @@ def test_streamed_text_equals_decode_for_random_multilingual_tokens(tmp_path, ap
     """Random weights over the real vocabulary: arbitrary byte tokens, split characters, invalid UTF-8."""
     cfg = ApertusConfig(vocab_size=131072, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1)
-    build_model(cfg, seed=1).save_pretrained(tmp_path, extra_files={"tokenizer.json":
+    save_model(build_model(cfg, seed=1), tmp_path, extra_files={"tokenizer.json":
                                                                     apertus_tokenizer_json.read_text()})
     with Engine(tmp_path) as e:
         handles = [e.submit(TEXT[:k], SamplingParams(temperature=1.5, top_p=1.0, seed=k, max_tokens=40,
