@@ -32,7 +32,7 @@ def hf_checkpoint(path, seed=0, **kw):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    save_model(model, path)
+    model.save_pretrained(path)
     return model
 
 
