@@ -14,7 +14,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from apertus import ApertusConfig, build_model, save_model
 from apertus.cli import main
-from apertus.infer import Engine, EngineBusy, SamplingParams
+from apertus.infer import Delta, Engine, EngineBusy, Request, SamplingParams
 from apertus.tokenizer import Tokenizer
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -227,6 +227,40 @@ def test_cancel_frees_the_cache_at_once(engine):
     assert list(it)[-1].finish_reason == "cancelled"
     assert events[-1].finish_reason == "cancelled" and len(h.output_ids) < 3000
     assert engine.generate([[1, 5]], SamplingParams(temperature=0, max_tokens=3))[0].finish_reason == "length"
+
+
+def test_the_handle_filters_its_stream_and_drops_pieces_after_the_end():
+    """The handle builds its results from the Deltas the engine gives it; the output filter runs there."""
+
+    class HoldThenUpper:  # holds everything back until the end, as a filter waiting for a whole match does
+        def __init__(self):
+            self.held = ""
+
+        def feed(self, text):
+            self.held += text
+            return ""
+
+        def flush(self):
+            out, self.held = self.held.upper(), ""
+            return out
+
+    cancelled, seen = [], []
+    h = Request("r", [1], SamplingParams(), cancel=lambda: cancelled.append("r"), on_event=seen.append,
+                output_filter=HoldThenUpper)
+    h.deliver(Delta("ab", [5], [-0.5]))
+    h.deliver(Delta("c", [6], [-0.25], finish_reason="stop"), stop_reason=6)
+    h.deliver(Delta("late", [7], [-1.0]))  # a step's piece that lost the race against a cancel
+    assert [d.text for d in h] == ["", "ABC"] and [d.text for d in seen] == ["", "ABC"]
+    assert (h.text, h.output_ids, h.logprobs, h.finish_reason, h.stop_reason) == ("ABC", [5, 6], [-0.5, -0.25],
+                                                                                  "stop", 6)
+    assert h.result(timeout=0) is h and not cancelled
+
+    def failing(delta):
+        raise ValueError("consumer gone")
+
+    h2 = Request("r2", [1], SamplingParams(), cancel=lambda: cancelled.append("r2"), on_event=failing)
+    h2.deliver(Delta("x", [5]))
+    assert cancelled == ["r2"]  # a failing consumer cancels its request
 
 
 def test_clear_errors_before_any_compute(ref_and_dir):
