@@ -72,6 +72,24 @@ def test_our_checkpoint_loads_in_transformers(spec, tmp_path):
         assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-5
 
 
+def test_set_rope_changes_theta_and_scaling_as_transformers_computes_them(tmp_path):
+    hf_model(CONFIGS[1]).save_pretrained(tmp_path)  # llama3 scaling, theta 10,000
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, 257, (2, 90), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours(ids)  # the frequencies are cached now: set_rope must replace them
+        for theta, scaling, rope_parameters in [
+            (20_000.0, ..., dict(LLAMA3, rope_theta=20_000.0)),  # scaling left out: it stays
+            (500_000.0, None, {"rope_type": "default", "rope_theta": 500_000.0}),  # None: plain RoPE
+        ]:
+            ours.set_rope(theta) if scaling is ... else ours.set_rope(theta, scaling)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, rope_parameters=rope_parameters).eval()
+            assert ours.config.rope_theta == theta
+            assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="theta must be positive"):
+        ours.set_rope(0)
+
+
 def test_sharded_checkpoint_round_trip(tmp_path):
     model = build_model(preset("tiny"), seed=1)
     save_model(model, tmp_path / "ck", max_shard_bytes=2_000_000, dtype="bf16")
