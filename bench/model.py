@@ -12,7 +12,7 @@ import torch
 import transformers
 from _timing import interleaved
 
-from apertus import build_model, load_model, preset
+from apertus import build_model, load_model, preset, save_model
 
 
 def step(model, ids, hf: bool):
@@ -33,7 +33,7 @@ def main():
     torch.manual_seed(0)
     cfg = preset(args.preset)
     with tempfile.TemporaryDirectory() as d:
-        build_model(cfg, seed=0).save_pretrained(d)
+        save_model(build_model(cfg, seed=0), d)
         ours32 = load_model(d).train()
         ref32 = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))

@@ -29,7 +29,7 @@ import httpx
 import openai
 from _timing import interleaved
 
-from apertus import build_model, preset
+from apertus import build_model, preset, save_model
 from apertus.chat import encode_chat, official_template
 from apertus.infer import Engine, SamplingParams
 from apertus.tokenizer import tiny_tokenizer
@@ -41,7 +41,7 @@ def make_checkpoint(out: Path, preset_name: str) -> Path:
     model_dir = out / "model"
     tok.save(model_dir, chat_template=official_template())
     files = {f.name: f.read_text() for f in model_dir.iterdir()}
-    build_model(cfg, seed=0).save_pretrained(model_dir, extra_files=files)
+    save_model(build_model(cfg, seed=0), model_dir, extra_files=files)
     return model_dir
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 from _timing import interleaved
 
-from apertus import build_model, load_model, preset
+from apertus import build_model, load_model, preset, save_model
 from apertus.train.distributed import Dist, clip_grad_norm_, parallelize
 from apertus.train.loss import lm_loss
 from apertus.train.optim import build_optimizer
@@ -54,7 +54,7 @@ def main():
     ours_batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones_like(ids[:, 1:], dtype=bool)}
     hf_batch = {"input_ids": ids[:, :-1], "labels": ids[:, :-1]}
     with tempfile.TemporaryDirectory() as d:
-        build_model(cfg, seed=0).save_pretrained(d)
+        save_model(build_model(cfg, seed=0), d)
         ours = load_model(d).train()
         ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").train()
     opt_ours = build_optimizer(ours, "ademamix", lr=1e-4, weight_decay=0.1, t_alpha=1000, t_beta3=1000)

@@ -29,12 +29,12 @@ def small_checkpoint(tmp_path_factory):
     """Our tiny model with a 2,048-id tokenizer trained on UDHR (cheap enough for end-to-end runs on CPU)."""
     import dataclasses
 
-    from apertus import build_model, preset
+    from apertus import build_model, preset, save_model
     from apertus.tokenizer import tiny_tokenizer
 
     path = tmp_path_factory.mktemp("small")
     tok = tiny_tokenizer(path / "tok")
     cfg = dataclasses.replace(preset("tiny"), vocab_size=2048, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    build_model(cfg, seed=0).save_pretrained(path / "model", extra_files={"tokenizer.json": tok.inner.to_str()})
+    save_model(build_model(cfg, seed=0), path / "model", extra_files={"tokenizer.json": tok.inner.to_str()})
     return path / "model"

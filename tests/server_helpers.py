@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from apertus import ApertusConfig, build_model
+from apertus import ApertusConfig, build_model, save_model
 from apertus.config import data_root
 from apertus.infer import Engine
 from apertus.infer.server import create_app, running
@@ -75,7 +75,7 @@ def scripted_checkpoint(path, kind: str, context: int = 4096):
                 u = torch.randn(64, generator=g)
                 model.model.embed_tokens.weight[a] = u / u.norm()
                 model.lm_head.weight[b] += 50 * u / u.norm()
-    model.save_pretrained(path, instruct=True, extra_files={"tokenizer.json": TOKENIZER_JSON.read_text()})
+    save_model(model, path, instruct=True, extra_files={"tokenizer.json": TOKENIZER_JSON.read_text()})
     return path
 
 
@@ -88,7 +88,7 @@ def random_checkpoint(path, context: int = 512, seed: int = 0):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if name == "lm_head.weight" else 0.2))
-    model.save_pretrained(path, instruct=True, extra_files={"tokenizer.json": TOKENIZER_JSON.read_text()})
+    save_model(model, path, instruct=True, extra_files={"tokenizer.json": TOKENIZER_JSON.read_text()})
     return path
 
 

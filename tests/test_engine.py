@@ -12,9 +12,9 @@ import torch
 import transformers
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-from apertus import ApertusConfig, build_model
+from apertus import ApertusConfig, build_model, save_model
 from apertus.cli import main
-from apertus.infer import Engine, EngineBusy, SamplingParams
+from apertus.infer import Delta, Engine, EngineBusy, Request, SamplingParams
 from apertus.tokenizer import Tokenizer
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -229,6 +229,40 @@ def test_cancel_frees_the_cache_at_once(engine):
     assert engine.generate([[1, 5]], SamplingParams(temperature=0, max_tokens=3))[0].finish_reason == "length"
 
 
+def test_the_handle_filters_its_stream_and_drops_pieces_after_the_end():
+    """The handle builds its results from the Deltas the engine gives it; the output filter runs there."""
+
+    class HoldThenUpper:  # holds everything back until the end, as a filter waiting for a whole match does
+        def __init__(self):
+            self.held = ""
+
+        def feed(self, text):
+            self.held += text
+            return ""
+
+        def flush(self):
+            out, self.held = self.held.upper(), ""
+            return out
+
+    cancelled, seen = [], []
+    h = Request("r", [1], SamplingParams(), cancel=lambda: cancelled.append("r"), on_event=seen.append,
+                output_filter=HoldThenUpper)
+    h.deliver(Delta("ab", [5], [-0.5]))
+    h.deliver(Delta("c", [6], [-0.25], finish_reason="stop"), stop_reason=6)
+    h.deliver(Delta("late", [7], [-1.0]))  # a step's piece that lost the race against a cancel
+    assert [d.text for d in h] == ["", "ABC"] and [d.text for d in seen] == ["", "ABC"]
+    assert (h.text, h.output_ids, h.logprobs, h.finish_reason, h.stop_reason) == ("ABC", [5, 6], [-0.5, -0.25],
+                                                                                  "stop", 6)
+    assert h.result(timeout=0) is h and not cancelled
+
+    def failing(delta):
+        raise ValueError("consumer gone")
+
+    h2 = Request("r2", [1], SamplingParams(), cancel=lambda: cancelled.append("r2"), on_event=failing)
+    h2.deliver(Delta("x", [5]))
+    assert cancelled == ["r2"]  # a failing consumer cancels its request
+
+
 def test_clear_errors_before_any_compute(ref_and_dir):
     with Engine(ref_and_dir[1], cache_gb=0.001, max_queue=1, max_batch=1) as e:
         capacity = e.cache.capacity
@@ -289,7 +323,7 @@ def bigram_checkpoint(path, chains, tokenizer_json, instruct):
                 u = torch.randn(64, generator=g)
                 model.model.embed_tokens.weight[a] = u / u.norm()
                 model.lm_head.weight[b] += 50 * u / u.norm()  # a token may follow several
-    model.save_pretrained(path, instruct=instruct, extra_files={"tokenizer.json": tokenizer_json.read_text()})
+    save_model(model, path, instruct=instruct, extra_files={"tokenizer.json": tokenizer_json.read_text()})
 
 
 TEXT = "Grüezi mitenand! Ça va? Привет, мир. 日本語のテキスト 🦀 ½"
@@ -346,7 +380,7 @@ def test_streamed_text_equals_decode_for_random_multilingual_tokens(tmp_path, ap
     """Random weights over the real vocabulary: arbitrary byte tokens, split characters, invalid UTF-8."""
     cfg = ApertusConfig(vocab_size=131072, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1)
-    build_model(cfg, seed=1).save_pretrained(tmp_path, extra_files={"tokenizer.json":
+    save_model(build_model(cfg, seed=1), tmp_path, extra_files={"tokenizer.json":
                                                                     apertus_tokenizer_json.read_text()})
     with Engine(tmp_path) as e:
         handles = [e.submit(TEXT[:k], SamplingParams(temperature=1.5, top_p=1.0, seed=k, max_tokens=40,

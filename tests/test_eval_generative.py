@@ -85,13 +85,13 @@ def test_generation_through_the_engine_is_greedy_transformers(tmp_path, data_dir
     import torch
     import transformers
 
-    from apertus import build_model, preset
+    from apertus import build_model, preset, save_model
     from apertus.tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer(tmp_path / "tok")
     cfg = dataclasses.replace(preset("tiny"), vocab_size=2048, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    build_model(cfg, seed=0).save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tok.inner.to_str()})
+    save_model(build_model(cfg, seed=0), tmp_path / "m", extra_files={"tokenizer.json": tok.inner.to_str()})
     report = suite.evaluate(tmp_path / "m", ["gsm8k", "mgsm_de"], limit=2, num_fewshot=2, max_tokens=24,
                             out=tmp_path / "out", progress=False, device="cpu")
     assert report["config"]["chat"] is False and set(report["tasks"]) == {"gsm8k", "mgsm_de"}

@@ -86,7 +86,7 @@ def test_audit_command_finds_a_memorized_probe(tmp_path, data_dir):
     import torch
     import transformers
 
-    from apertus import build_model, preset
+    from apertus import build_model, preset, save_model
     from apertus.tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer(tmp_path / "tok")
@@ -104,7 +104,7 @@ def test_audit_command_finds_a_memorized_probe(tmp_path, data_dir):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": tok.inner.to_str()})
+    save_model(model, tmp_path / "m", extra_files={"tokenizer.json": tok.inner.to_str()})
     out = tmp_path / "audit"
     cmd = [sys.executable, "-m", "apertus.cli", "eval", "memorization", str(tmp_path / "m"), "--probes",
            str(tmp_path / "probes.jsonl"), "--prefix", "16", "--suffix", "24", "--out", str(out), "--device", "cpu"]

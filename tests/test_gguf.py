@@ -18,6 +18,7 @@ import transformers
 from safetensors.torch import load_file
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from apertus.checkpoint import save_model
 from apertus.config import ApertusConfig
 from apertus.export_gguf import export_gguf
 from apertus.model import build_model
@@ -55,7 +56,7 @@ def ckpt(apertus_tokenizer_json, tmp_path_factory):
     """A random 3-layer model with the real 131,072-token Apertus tokenizer and chat template, saved as fp32."""
     path = tmp_path_factory.mktemp("gguf") / "tiny-apertus"
     files = tokenizer_files(apertus_tokenizer_json.parent)
-    random_model(131072).save_pretrained(path, instruct=True, extra_files=files)
+    save_model(random_model(131072), path, instruct=True, extra_files=files)
     return path
 
 
@@ -81,7 +82,7 @@ def small_ckpt(apertus_tokenizer_json, tmp_path_factory):
 
     tok = small_tokenizer(Tokenizer.from_file(str(apertus_tokenizer_json)).pre_tokenizer)
     path = tmp_path_factory.mktemp("gguf-small") / "ck"
-    random_model(tok.get_vocab_size() + 20).save_pretrained(path, extra_files={"tokenizer.json": tok.to_str()})
+    save_model(random_model(tok.get_vocab_size() + 20), path, extra_files={"tokenizer.json": tok.to_str()})
     return path, tok
 
 
@@ -185,7 +186,7 @@ def test_half_precision_exports(small_ckpt, dtype, tmp_path):
 def test_bf16_checkpoint_round_trips_exactly(small_ckpt, tmp_path):
     _, tok = small_ckpt
     path = tmp_path / "ck16"
-    random_model(tok.get_vocab_size(), seed=3, rope=None).save_pretrained(
+    save_model(random_model(tok.get_vocab_size(), seed=3, rope=None),
         path, dtype=torch.bfloat16, extra_files={"tokenizer.json": tok.to_str()})
     reader = gguf.GGUFReader(export_gguf(path, tmp_path / "m.gguf", dtype="bf16"))
     meta = fields(reader)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 
-from apertus import ApertusConfig, build_model, load_model, preset
+from apertus import ApertusConfig, build_model, load_model, preset, save_model
 from apertus.model import document_mask, packed_position_ids, single_query_attention
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -65,16 +65,34 @@ def test_our_checkpoint_loads_in_transformers(spec, tmp_path):
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    ours.save_pretrained(tmp_path)
+    save_model(ours, tmp_path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 257, (3, 33))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-5
 
 
+def test_set_rope_changes_theta_and_scaling_as_transformers_computes_them(tmp_path):
+    hf_model(CONFIGS[1]).save_pretrained(tmp_path)  # llama3 scaling, theta 10,000
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, 257, (2, 90), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours(ids)  # the frequencies are cached now: set_rope must replace them
+        for theta, scaling, rope_parameters in [
+            (20_000.0, ..., dict(LLAMA3, rope_theta=20_000.0)),  # scaling left out: it stays
+            (500_000.0, None, {"rope_type": "default", "rope_theta": 500_000.0}),  # None: plain RoPE
+        ]:
+            ours.set_rope(theta) if scaling is ... else ours.set_rope(theta, scaling)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, rope_parameters=rope_parameters).eval()
+            assert ours.config.rope_theta == theta
+            assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="theta must be positive"):
+        ours.set_rope(0)
+
+
 def test_sharded_checkpoint_round_trip(tmp_path):
     model = build_model(preset("tiny"), seed=1)
-    model.save_pretrained(tmp_path / "ck", max_shard_bytes=2_000_000, dtype="bf16")
+    save_model(model, tmp_path / "ck", max_shard_bytes=2_000_000, dtype="bf16")
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 3
     again = load_model(tmp_path / "ck", dtype=torch.bfloat16)
@@ -176,7 +194,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         load_model(tmp_path)
     model = build_model(ApertusConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1))
-    model.save_pretrained(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(49, 32)
     save_file(state, tmp_path / "m" / "model.safetensors")
@@ -200,7 +218,7 @@ def test_bf16_load_is_memory_frugal(tmp_path):
     """A bf16 checkpoint loads within ~1.2x its size of extra RAM (peak RSS of a fresh process)."""
     cfg = ApertusConfig(vocab_size=32768, hidden_size=1024, intermediate_size=5376, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=2)
-    build_model(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path, max_shard_bytes=200 * 2**20)
+    save_model(build_model(cfg, dtype=torch.bfloat16), tmp_path, max_shard_bytes=200 * 2**20)
     size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
     code = (f"import resource, torch, apertus; r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             f"m = apertus.load_model({str(tmp_path)!r}, dtype=torch.bfloat16); "

@@ -8,6 +8,7 @@ import pytest
 import torch
 import train_data
 
+from apertus.checkpoint import save_model
 from apertus.cli import main as cli
 from apertus.config import ApertusConfig
 from apertus.model import build_model
@@ -230,7 +231,7 @@ def test_init_from_a_checkpoint_takes_its_architecture_and_weights(tmp_path):
 
     base = build_model(ApertusConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0), seed=3)
-    base.save_pretrained(tmp_path / "base")
+    save_model(base, tmp_path / "base")
     table = {"model": {"init_from": str(tmp_path / "base"), "rope_theta": 1e6},
              "train": {"seq_len": 16, "global_batch_tokens": 32, "micro_batch": 2, "steps": 1}}
     recipe = parse_recipe(table)

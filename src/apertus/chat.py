@@ -445,7 +445,7 @@ def _default_tokenizer():
     return Tokenizer.from_file(apertus_tokenizer_path())
 
 
-def _parse_calls(raw: str) -> list[dict] | None:
+def parse_calls(raw: str) -> list[dict] | None:
     """`[{"name": {args}}, ...]` (also accepts {"name": ..., "arguments": ...} items); None if it is not that."""
     try:
         calls = json.loads(raw)
@@ -503,7 +503,7 @@ def parse_reply(text_or_ids, tokenizer=None) -> dict:
             end = text.find(TOOLS_SUFFIX, pos)
             raw = text[pos:end if end >= 0 else len(text)]
             pos = len(text) if end < 0 else end + len(TOOLS_SUFFIX)
-            parsed = _parse_calls(raw)
+            parsed = parse_calls(raw)
             if parsed is None:
                 (reasoning if in_inner else content).append(raw)
             else:

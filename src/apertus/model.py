@@ -186,6 +186,16 @@ class Apertus(nn.Module):
             self._inv_freq = self.config.inv_freq().to(device)
         return self._inv_freq
 
+    def set_rope(self, theta: float, scaling: dict | None | type(...) = ...) -> None:
+        """Change RoPE θ (e.g. at a pretraining stage boundary) and, when given, the llama3 scaling (None removes
+        it; left out, it stays). The config changes with it, so a checkpoint saved afterwards carries the new θ."""
+        if theta <= 0:
+            raise ValueError(f"model: RoPE theta must be positive, got {theta}")
+        self.config.rope_theta = float(theta)
+        if scaling is not ...:
+            self.config.rope_scaling = scaling
+        self._inv_freq = None  # recomputed from the config, on the input's device, by the next forward
+
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache=None) -> torch.Tensor:
         """Final-normed hidden states (B, T, d): what the lm_head reads; training chunks the lm_head over them."""
         x = self.model.embed_tokens(input_ids)
@@ -229,11 +239,6 @@ class Apertus(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, **kwargs):
-        from .checkpoint import save_model
-
-        save_model(self, path, dtype=dtype, **kwargs)
 
 
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None):

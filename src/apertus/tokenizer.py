@@ -134,7 +134,7 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-ins for the 256 bytes (what ByteLevel pre-tokenization produces)."""
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     cs = bs[:]
@@ -192,7 +192,7 @@ def build_apertus() -> tokenizers.Tokenizer:
     tekken = json.loads(src.read_text(encoding="utf-8"))
     tokens = [base64.b64decode(e["token_bytes"]) for e in tekken["vocab"][:TEKKEN_TOKENS]]
     rank = {t: r for r, t in enumerate(tokens)}
-    b2u = _byte_to_unicode()
+    b2u = byte_to_unicode()
     names = ["".join(b2u[b] for b in t) for t in tokens]
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     vocab.update({s: r + NUM_SPECIAL for r, s in enumerate(names)})
@@ -252,7 +252,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir=None, *, min_
     trained = json.loads(tok.to_str())["model"]
     # The trainer orders the alphabet by code point; Apertus puts byte b at id 1000 + b. BPE ids are only names
     # (merge priority is the merges list), so renumbering changes nothing but the ids.
-    b2u = _byte_to_unicode()
+    b2u = byte_to_unicode()
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     vocab.update({b2u[b]: NUM_SPECIAL + b for b in range(256)})
     for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):

@@ -14,22 +14,27 @@ from a memory budget (cache.py); when it fills up, the youngest request is preem
 output recomputed later), so admission needs only the prompt to fit. Stop tokens, stop strings and max_tokens end a
 request; text is detokenized incrementally (tokenizers' DecodeStream: no broken UTF-8 between chunks) and the last
 len(longest stop string) - 1 characters are held back so a streamed stop string is never shown.
+
+A caller holds a Request (request.py: the stream, the results, cancel); the scheduler keeps its own Sequence per
+request (tokens, cache pages, sampler and detokenizer state) and hands the Request each Delta. An output filter (the
+PII filter) runs on the Request's stream, so the scheduler sees only the model's own text.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .cache import PagedKVCache
+from .request import Delta, Request
 from .sampler import SamplingParams, defaults_from_generation_config, sample
+
+__all__ = ["Delta", "Engine", "EngineBusy", "Request", "SamplingParams"]
 
 log = logging.getLogger(__name__)
 _compiled_engines: set[int] = set()  # open engines with compile=True (their graphs live on the model's code object)
@@ -39,70 +44,33 @@ class EngineBusy(RuntimeError):
     """The request queue is full (the server answers 503); try again later."""
 
 
-@dataclass
-class Delta:
-    """One streamed piece of a request: new text (may be empty while bytes or a possible stop string are pending),
-    the token(s) of this step with their log-probabilities, and finish_reason on the last piece."""
+class Sequence:
+    """The scheduler's state of one request (engine thread, under the engine's lock): what the model reads, its
+    cache pages, the sampler's generator and penalty counts, the detokenizer. The caller holds `handle` only."""
 
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None
-
-
-class Request:
-    """Handle of a submitted request: iterate it (once) for Deltas, `result()` to wait, `cancel()` to stop it.
-
-    After it finishes: output_ids (stop token included), text (stop token and stop string excluded), logprobs and
-    top_logprobs per output token (when asked), finish_reason ("stop", "length", "cancelled" or "error").
-    """
-
-    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, engine: Engine, on_event=None):
-        self.id, self.prompt_ids, self.params = rid, prompt_ids, params
-        self.output_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.top_logprobs: list[list[tuple[int, float]]] = []
-        self.text = ""
+    def __init__(self, handle: Request):
+        self.handle, self.params = handle, handle.params
+        self.n_prompt = len(handle.prompt_ids)
+        self.tokens = list(handle.prompt_ids)  # prompt + output: what the model reads
+        self.n_cached = 0
+        self.pages: list[int] = []
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.text = ""  # the output's text as detokenized (before any output filter)
+        self.emitted = 0  # characters of text already streamed
+        self.decoder = None
+        self.prompt_seen = self.out_counts = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.error: BaseException | None = None
-        self._engine, self._on_event = engine, on_event
-        self._events: queue.Queue[Delta] = queue.Queue()
-        self._done = threading.Event()
-        # engine-thread state
-        self._tokens = list(prompt_ids)  # prompt + output: what the model reads
-        self._n_cached = 0
-        self._pages: list[int] = []
-        self._gen = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        self._emitted = 0  # characters of text already streamed
-        self._decoder = None
-        self._prompt_seen = self._out_counts = None
-        # PII output filter (apertus.compliance.output_filter), one per request: redacts what is streamed and text
-        self._filter = engine.output_filter() if engine.output_filter is not None else None
-        self._shown = ""
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def __iter__(self):
-        while True:
-            delta = self._events.get()
-            yield delta
-            if delta.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> Request:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} still running after {timeout}s")
-        if self.error is not None:
-            raise RuntimeError(f"request {self.id} failed: {self.error}") from self.error
-        return self
-
-    def cancel(self):
-        """Stop now: the request leaves the batch and its cache pages are free for the next step."""
-        self._engine._cancel(self)
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.n_prompt:]
 
 
 def _load_tokenizer(tokenizer, model_dir: Path | None):
@@ -134,7 +102,7 @@ def _packs(rows, max_keys: int):
     attend to all its keys (masked per request), so the wasted attention grows with the pack's keys squared."""
     packs, keys = [], max_keys
     for row in rows:
-        k = row[0]._n_cached + row[1]
+        k = row[0].n_cached + row[1]
         if keys + k > max_keys:
             packs.append([])
             keys = 0
@@ -148,7 +116,8 @@ class Engine:
 
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
     quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
-    output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request; off by default.
+    output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
+    default.
     compile=True: every step runs through torch.compile (a few graphs, compiled at start: 20-45 s for the tiny model
     on 2 cores, less once inductor's on-disk cache is warm); worth it for a server or a long job: on CPU a decoding
     step takes a half to a third of the eager time (bench/engine.py).
@@ -206,8 +175,8 @@ class Engine:
         self.stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0}
         self._lock = threading.Condition()
         self._step_lock = threading.Lock()  # one step at a time, by the engine thread or a generate() caller
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
         self._thread: threading.Thread | None = None
         self._closed = False
         self._next_id = 0
@@ -290,12 +259,14 @@ class Engine:
                     raise EngineBusy(f"engine: {len(self._waiting)} requests already queued")
                 self._lock.wait()
             self._next_id += 1
-            req = Request(f"req-{self._next_id}", ids, params, self, on_event)
-            self._waiting.append(req)
+            handle = Request(f"req-{self._next_id}", ids, params, cancel=lambda: self._cancel(seq),
+                             on_event=on_event, output_filter=self.output_filter)
+            seq = Sequence(handle)
+            self._waiting.append(seq)
             if background:
                 self._start()
             self._lock.notify_all()
-        return req
+        return handle
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[Request]:
         """Run prompts (texts or id lists) together to completion; returns the finished handles in order.
@@ -328,8 +299,8 @@ class Engine:
             self._closed = True
             pending = list(self._waiting) + list(self._running)
             self._lock.notify_all()
-        for req in pending:
-            req.cancel()
+        for seq in pending:
+            self._cancel(seq)
         if self._thread is not None:
             self._thread.join()
         if self._compiled is not None:
@@ -351,37 +322,37 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="apertus-engine", daemon=True)
             self._thread.start()
 
-    def _cancel(self, req: Request):
+    def _cancel(self, seq: Sequence):
         with self._lock:
-            if req.finished:
+            if seq.finished:
                 return
-            if req in self._waiting:
-                self._waiting.remove(req)
-            delta = self._finish(req, "cancelled")
-        self._dispatch([(req, delta)])
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+            delta = self._finish(seq, "cancelled")
+        self._dispatch([(seq, delta)])
 
-    def _finish(self, req: Request, reason: str) -> Delta:
+    def _finish(self, seq: Sequence, reason: str) -> Delta:
         """Mark done and free its cache pages (caller holds the lock); returns the last Delta to dispatch."""
-        req.finish_reason = reason
-        if req in self._running:
-            self._running.remove(req)
-        self.cache.release(req._pages)
-        req._pages = []
+        seq.finish_reason = reason
+        if seq in self._running:
+            self._running.remove(seq)
+        self.cache.release(seq.pages)
+        seq.pages = []
         self._lock.notify_all()
         return Delta("", [], finish_reason=reason)
 
-    def _preempt(self, req: Request):
-        self.cache.release(req._pages)
-        req._pages = []
-        req._n_cached = 0
-        self._running.remove(req)
-        self._waiting.appendleft(req)
+    def _preempt(self, seq: Sequence):
+        self.cache.release(seq.pages)
+        seq.pages = []
+        seq.n_cached = 0
+        self._running.remove(seq)
+        self._waiting.appendleft(seq)
         self.stats["preemptions"] += 1
 
     def _admit(self):
         free = len(self.cache.free_pages)
         while self._waiting and len(self._running) < self.max_batch:
-            need = self.cache.pages_for(len(self._waiting[0]._tokens) + 1)
+            need = self.cache.pages_for(len(self._waiting[0].tokens) + 1)
             if need > free and self._running:  # wait for room (FIFO: nobody overtakes); alone, it always fits
                 break
             free -= need
@@ -391,19 +362,19 @@ class Engine:
     def _plan(self):
         """Rows of this step, (request, tokens to feed, its page list), for decoding requests and prompt chunks."""
         decode, prefill, budget = [], [], self.prefill_chunk
-        for req in list(self._running):
-            if req not in self._running:  # preempted below for an older request
+        for seq in list(self._running):
+            if seq not in self._running:  # preempted below for an older request
                 continue
-            pending = len(req._tokens) - req._n_cached
+            pending = len(seq.tokens) - seq.n_cached
             n = 1 if pending == 1 else min(pending, budget)
             if n == 0:
                 continue
-            while not self.cache.grow(req._pages, req._n_cached + n):
-                self._preempt(self._running[-1])  # the youngest makes room (possibly req itself)
-                if req not in self._running:
+            while not self.cache.grow(seq.pages, seq.n_cached + n):
+                self._preempt(self._running[-1])  # the youngest makes room (possibly seq itself)
+                if seq not in self._running:
                     break
-            else:  # the page list goes along: a cancel during the forward swaps req._pages, not this list
-                (decode if pending == 1 else prefill).append((req, n, req._pages))
+            else:  # the page list goes along: a cancel during the forward swaps seq.pages, not this list
+                (decode if pending == 1 else prefill).append((seq, n, seq.pages))
                 budget -= n if pending > 1 else 0
         return decode, prefill
 
@@ -427,9 +398,9 @@ class Engine:
                 log.exception("engine step failed")
                 with self._lock:
                     out = []
-                    for req in list(self._running):
-                        req.error = e
-                        out.append((req, self._finish(req, "error")))
+                    for seq in list(self._running):
+                        seq.error = e
+                        out.append((seq, self._finish(seq, "error")))
                 self._dispatch(out)
 
     @torch.inference_mode()
@@ -443,39 +414,39 @@ class Engine:
         rows, hidden = [], []
         for group, decode in groups:
             h = self._forward(group, decode)
-            for (req, n, _), hb in zip(group, h, strict=True):
-                if req._n_cached + n == len(req._tokens):  # fed everything it has: its next token is due
-                    rows.append(req)
+            for (seq, n, _), hb in zip(group, h, strict=True):
+                if seq.n_cached + n == len(seq.tokens):  # fed everything it has: its next token is due
+                    rows.append(seq)
                     hidden.append(hb)
         sampled = None
         if rows:
             logits = self.model.lm_head(torch.stack(hidden))
             params = [r.params for r in rows]
             for r in rows:
-                if r.params.penalized and r._out_counts is None:
+                if r.params.penalized and r.out_counts is None:
                     self._init_penalty_state(r)
-            sampled = sample(logits, params, [r._gen for r in rows], [r._prompt_seen for r in rows],
-                             [r._out_counts for r in rows])
+            sampled = sample(logits, params, [r.gen for r in rows], [r.prompt_seen for r in rows],
+                             [r.out_counts for r in rows])
         out = []
         with self._lock:
             for group, _ in groups:
-                for req, n, _ in group:
-                    if not req.finished and req in self._running:
-                        req._n_cached += n
+                for seq, n, _ in group:
+                    if not seq.finished and seq in self._running:
+                        seq.n_cached += n
             if sampled is not None:
                 tokens, lps, top_ids, top_lps = (x.tolist() if x is not None else None for x in sampled)
-                for b, req in enumerate(rows):
-                    if req.finished or req not in self._running:  # cancelled during the forward
+                for b, seq in enumerate(rows):
+                    if seq.finished or seq not in self._running:  # cancelled during the forward
                         continue
                     top = list(zip(top_ids[b], top_lps[b], strict=True)) if top_ids is not None else None
-                    out.append((req, self._accept(req, tokens[b], lps[b] if lps else None, top)))
+                    out.append((seq, self._accept(seq, tokens[b], lps[b] if lps else None, top)))
         self._dispatch(out)
 
     def _forward(self, group, decode: bool) -> torch.Tensor:
         """One forward of the rows' next tokens through the cache; the final hidden state of each row's last token.
         Decoding rows go as a (B, 1) batch; prompt chunks are packed into one row (no padding)."""
-        feeds, tables, starts = [n for _, n, _ in group], [p for _, _, p in group], [r._n_cached for r, _, _ in group]
-        ids = [t for r, n, _ in group for t in r._tokens[r._n_cached:r._n_cached + n]]
+        feeds, tables, starts = [n for _, n, _ in group], [p for _, _, p in group], [r.n_cached for r, _, _ in group]
+        ids = [t for r, n, _ in group for t in r.tokens[r.n_cached:r.n_cached + n]]
         if decode:
             input_ids = torch.tensor(ids, device=self.device)[:, None]
             view, positions, mask = self.cache.decode_view(tables, starts)
@@ -495,79 +466,63 @@ class Engine:
             return h[:, 0]
         return h[0, torch.cumsum(torch.tensor(feeds, device=self.device), 0) - 1]
 
-    def _init_penalty_state(self, req: Request):
+    def _init_penalty_state(self, seq: Sequence):
         V = self.config.vocab_size
-        req._prompt_seen = torch.zeros(V, dtype=torch.bool, device=self.device)
-        req._prompt_seen[torch.tensor(req.prompt_ids, device=self.device)] = True
-        req._out_counts = torch.zeros(V, device=self.device)
-        for t in req.output_ids:
-            req._out_counts[t] += 1
+        seq.prompt_seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+        seq.prompt_seen[torch.tensor(seq.tokens[:seq.n_prompt], device=self.device)] = True
+        seq.out_counts = torch.zeros(V, device=self.device)
+        for t in seq.output_ids:
+            seq.out_counts[t] += 1
 
-    def _accept(self, req: Request, token: int, logprob, top) -> Delta:
+    def _accept(self, seq: Sequence, token: int, logprob, top) -> Delta:
         """Append a sampled token, stream its text, and finish the request if a stop condition holds."""
-        p = req.params
-        req.output_ids.append(token)
-        req._tokens.append(token)
-        if p.logprobs:
-            req.logprobs.append(logprob)
+        p = seq.params
+        seq.tokens.append(token)
         if p.top_logprobs:
             top = top[: p.top_logprobs]
-            req.top_logprobs.append(top)
-        if req._out_counts is not None:
-            req._out_counts[token] += 1
+        if seq.out_counts is not None:
+            seq.out_counts[token] += 1
         finish = None
         if token in p.stop_token_ids and not p.ignore_eos:
-            finish, req.stop_reason = "stop", token
+            finish, seq.stop_reason = "stop", token
         elif self.tokenizer is not None:
-            if req._decoder is None:
+            if seq.decoder is None:
                 from tokenizers.decoders import DecodeStream
 
-                req._decoder = DecodeStream(skip_special_tokens=p.skip_special_tokens)
-            piece = req._decoder.step(self.tokenizer.inner, token)
+                seq.decoder = DecodeStream(skip_special_tokens=p.skip_special_tokens)
+            piece = seq.decoder.step(self.tokenizer.inner, token)
             if piece:
-                before = len(req.text)
-                req.text += piece
+                before = len(seq.text)
+                seq.text += piece
                 for s in p.stop_strings:
-                    at = req.text.find(s, max(0, before - len(s) + 1))
+                    at = seq.text.find(s, max(0, before - len(s) + 1))
                     if at >= 0:
-                        req.text, finish, req.stop_reason = req.text[:at], "stop", s
+                        seq.text, finish, seq.stop_reason = seq.text[:at], "stop", s
                         break
-        if finish is None and len(req.output_ids) >= p.max_tokens:
+        if finish is None and len(seq.tokens) - seq.n_prompt >= p.max_tokens:
             finish = "length"
-        if finish is not None and not isinstance(req.stop_reason, str):
-            self._flush_text(req)
+        if finish is not None and not isinstance(seq.stop_reason, str):
+            self._flush_text(seq)
         hold = max((len(s) for s in p.stop_strings), default=1) - 1 if finish is None else 0
-        upto = max(req._emitted, len(req.text) - hold)
-        text, req._emitted = req.text[req._emitted:upto], upto
+        upto = max(seq.emitted, len(seq.text) - hold)
+        text, seq.emitted = seq.text[seq.emitted:upto], upto
         delta = Delta(text, [token], [logprob] if p.logprobs else None, [top] if p.top_logprobs else None)
         if finish is not None:
-            self._finish(req, finish)
+            self._finish(seq, finish)
             delta.finish_reason = finish
         return delta
 
-    def _flush_text(self, req: Request):
+    def _flush_text(self, seq: Sequence):
         """At the end, bytes the stream still holds (an unfinished UTF-8 character) are decoded as the tokenizer
         would decode the whole output, so the streamed text equals tokenizer.decode(output ids)."""
         if self.tokenizer is None:
             return
-        ids = req.output_ids[:-1] if isinstance(req.stop_reason, int) else req.output_ids
-        full = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
-        if full.startswith(req.text):
-            req.text = full
+        ids = seq.output_ids[:-1] if isinstance(seq.stop_reason, int) else seq.output_ids
+        full = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        if full.startswith(seq.text):
+            seq.text = full
 
     def _dispatch(self, out):
-        for req, delta in out:
-            if req._filter is not None:  # streamed pieces and the final text are the redacted ones
-                delta.text = req._filter.feed(delta.text) + (req._filter.flush() if delta.finish_reason else "")
-                req._shown += delta.text
-                if delta.finish_reason is not None:
-                    req.text = req._shown
-            req._events.put(delta)
-            if req._on_event is not None:
-                try:
-                    req._on_event(delta)
-                except Exception:
-                    log.exception("on_event callback of %s failed; cancelling it", req.id)
-                    req.cancel()
-            if delta.finish_reason is not None:
-                req._done.set()
+        """Hand the pieces to their handles (outside the lock: a handle's on_event may cancel, which takes it)."""
+        for seq, delta in out:
+            seq.handle.deliver(delta, stop_reason=seq.stop_reason, error=seq.error)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..chat import INNER_PREFIX, INNER_SUFFIX, STOP_IDS, TOOLS_PREFIX, TOOLS_SUFFIX, _parse_calls, render
+from ..chat import INNER_PREFIX, INNER_SUFFIX, STOP_IDS, TOOLS_PREFIX, TOOLS_SUFFIX, parse_calls, render
 from .sampler import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
@@ -375,7 +375,7 @@ class ReplyParser:
     def _end_call(self) -> str:
         """Parse the call text read so far; the text itself if it is not a call (malformed, truncated)."""
         raw, self.raw_call = self.raw_call, None
-        calls = _parse_calls(raw)
+        calls = parse_calls(raw)
         if calls is None:
             return raw
         self.calls += calls
@@ -394,9 +394,9 @@ class ReplyParser:
 
 @lru_cache(maxsize=1)
 def _byte_alphabet() -> dict[str, int]:
-    from ..tokenizer import _byte_to_unicode
+    from ..tokenizer import byte_to_unicode
 
-    return {c: b for b, c in _byte_to_unicode().items()}
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:

@@ -53,8 +53,7 @@ class PretrainSource:
             self.it = iter(self.loader)
         theta = new.rope_theta or self.base_theta
         if theta != self.model.config.rope_theta:
-            self.model.config.rope_theta = theta
-            self.model._inv_freq = None  # recomputed from the config on the next forward
+            self.model.set_rope(theta)
         self.index = index
 
     def next_step(self) -> list[dict]:
