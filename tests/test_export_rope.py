@@ -15,7 +15,7 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from apertus import ApertusConfig, build_model, load_model
+from apertus import ApertusConfig, build_model, load_model, save_model
 from apertus.config import LLAMA3_ROPE, load_config
 from apertus.export_gguf import export_gguf
 
@@ -51,7 +51,7 @@ def test_round_trip_through_transformers(variant, dtype, tmp_path):
     rope, theta = VARIANTS[variant]
     torch_dtype, tol = DTYPES[dtype]
     ours = random_model(rope, theta).to(torch_dtype).eval()
-    ours.save_pretrained(tmp_path / "ours", dtype=torch_dtype)
+    save_model(ours, tmp_path / "ours", dtype=torch_dtype)
 
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["rope_parameters"] == expected_rope(rope, theta)  # 5.x spelling, "default" named
@@ -78,7 +78,7 @@ def test_round_trip_through_transformers(variant, dtype, tmp_path):
 def test_the_bug_report_case_is_caught_by_the_comparison(tmp_path):
     """The comparison above can fail: dropping the RoPE keys, as before, loads a different model in transformers."""
     ours = random_model(None, 10_000.0).eval()
-    ours.save_pretrained(tmp_path)
+    save_model(ours, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rope_scaling"], config["rope_parameters"]
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -130,7 +130,7 @@ def test_gguf_writes_the_rope_llama_cpp_reads(variant, small_tokenizer_json, tmp
     """llama.cpp's `apertus` reads rope.freq_base, the rope.scaling.* keys (absent: no scaling) and, for llama3,
     the `rope_freqs` tensor of per-frequency divisors, as llama.cpp's converter writes them."""
     rope, theta = VARIANTS[variant]
-    random_model(rope, theta).save_pretrained(tmp_path / "ck", extra_files={"tokenizer.json": small_tokenizer_json})
+    save_model(random_model(rope, theta), tmp_path / "ck", extra_files={"tokenizer.json": small_tokenizer_json})
     reader = gguf.GGUFReader(export_gguf(tmp_path / "ck", tmp_path / "m.gguf"))
     meta = {k: f.contents() for k, f in reader.fields.items()}
     assert meta["apertus.rope.freq_base"] == theta

@@ -18,10 +18,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # The layers, lowest first: a module may import from its own layer or lower ones, never from a higher one.
 LAYERS = [
+    ["apertus.util"],
     ["apertus.config"],
     ["apertus.model"],
-    ["apertus", "apertus.checkpoint", "apertus.tokenizer", "apertus.chat", "apertus.tokenizer_eval",
-     "apertus.export_gguf"],
+    ["apertus", "apertus.checkpoint", "apertus.tokenizer", "apertus.chat", "apertus.chat_sft", "apertus.chat_template",
+     "apertus.tokenizer_eval", "apertus.export_gguf"],
     ["apertus.data"],
     ["apertus.train"],
     ["apertus.infer", "apertus.eval"],

@@ -15,6 +15,9 @@ import re
 from collections.abc import Mapping
 from functools import lru_cache
 
+from . import chat_template as jt
+from .chat_template import normalize_messages, normalize_tools  # noqa: F401 (part of this module's API)
+
 BOS = "<s>"
 SYSTEM_START, SYSTEM_END = "<|system_start|>", "<|system_end|>"
 DEVELOPER_START, DEVELOPER_END = "<|developer_start|>", "<|developer_end|>"
@@ -27,211 +30,6 @@ DEFAULT_SYSTEM = ("You are Apertus, a helpful assistant created by the SwissAI i
                   "Knowledge cutoff: 2024-04\nCurrent date: ")
 STOP_IDS = (2, 68, 72)  # </s>, <|assistant_end|>, <|tools_suffix|>: the instruct generation config
 
-_MISSING = object()  # a key the message does not have (jinja's Undefined): prints as "", is falsy
-
-
-def _get(obj, key):
-    return obj.get(key, _MISSING) if isinstance(obj, Mapping) else _MISSING
-
-
-def _truthy(x) -> bool:
-    return x is not _MISSING and bool(x)
-
-
-def _out(x) -> str:
-    """What `{{ x }}` prints."""
-    return "" if x is _MISSING else str(x)
-
-
-def _cat(*parts) -> str:
-    """The template's `a + b + c`: strings only (jinja raises on anything else)."""
-    for p in parts:
-        if not isinstance(p, str):
-            raise ValueError(f"expected a string in the chat template, got {'nothing' if p is _MISSING else repr(p)}")
-    return "".join(parts)
-
-
-def _tojson(x) -> str:
-    return json.dumps(x, ensure_ascii=False)
-
-
-# --- normalisation of the OpenAI shape ---------------------------------------------------------------------------
-
-
-def _text_of(parts) -> str:
-    """OpenAI content parts [{"type": "text", "text": ...}] as one string."""
-    return "".join(p.get("text", "") for p in parts if isinstance(p, Mapping) and p.get("type") == "text")
-
-
-def _arguments(args):
-    # OpenAI sends a JSON string, many clients a dict; the template concatenates a string.
-    return args if isinstance(args, str) else _tojson({} if args is None else args)
-
-
-def normalize_messages(messages) -> list[dict]:
-    """OpenAI-shaped messages -> what the template reads; Apertus-shaped ones pass through unchanged.
-
-    - assistant `content: null` (or absent, with `tool_calls`) -> ""; `tool_calls[].function.arguments` given as a
-      dict -> its JSON; a missing `tool_calls[].type` -> "function"
-    - content given as a list of parts -> the joined text (user: `{"parts": [...]}`, images as image parts)
-    - tool message content that is not a string -> its JSON (the template would print a Python repr)
-    - a leading `developer` message (newer OpenAI clients) -> the system message
-    """
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise ValueError(f"message {i} is not a dict: {m!r}")
-        m = dict(m)
-        role, content = m.get("role"), m.get("content", _MISSING)
-        if role == "developer" and i == 0:
-            m["role"] = role = "system"
-        if isinstance(content, list):
-            if role == "user":
-                m["content"] = {"parts": [
-                    {"type": "image"} if isinstance(p, Mapping) and p.get("type") in ("image", "image_url")
-                    else dict(p) if isinstance(p, Mapping) else {"type": "text", "text": str(p)} for p in content]}
-            else:
-                m["content"] = _text_of(content)
-        if role == "assistant":
-            if content is None or (content is _MISSING and m.get("tool_calls")):
-                m["content"] = ""
-            if m.get("tool_calls"):
-                calls = []
-                for c in m["tool_calls"]:
-                    c = dict(c) if isinstance(c, Mapping) else c
-                    if isinstance(c, dict):
-                        c.setdefault("type", "function")
-                        if isinstance(c.get("function"), Mapping):
-                            c["function"] = {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}
-                    calls.append(c)
-                m["tool_calls"] = calls
-            if isinstance(m.get("content"), Mapping) and isinstance(m["content"].get("blocks"), list):
-                blocks = []
-                for b in m["content"]["blocks"]:
-                    if isinstance(b, Mapping) and b.get("type") == "tool_calls" and isinstance(b.get("calls"), list):
-                        b = {**b, "calls": [{**c, "arguments": _arguments(c.get("arguments"))}
-                                            if isinstance(c, Mapping) else c for c in b["calls"]]}
-                    blocks.append(b)
-                m["content"] = {**m["content"], "blocks": blocks}
-        if role == "tool" and content is not _MISSING and not isinstance(m["content"], str):
-            m["content"] = _tojson(m["content"])
-        out.append(m)
-    return out
-
-
-def normalize_tools(tools) -> list[dict]:
-    """Tool specs, flat `{"name", "description", "parameters"}` or OpenAI-nested `{"type": "function", "function":
-    {...}}`, as the flat dicts the template reads (it fails on nested ones); a missing description becomes ""."""
-    if tools is None:
-        return []
-    out = []
-    for i, t in enumerate(tools):
-        if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping):
-            t = t["function"]
-        if not isinstance(t, Mapping) or not isinstance(t.get("name"), str):
-            raise ValueError(f"tool {i} needs a string 'name' (flat or OpenAI-nested under 'function'): {t!r}")
-        out.append({**t, "description": t.get("description") or ""})
-    return out
-
-
-# --- the tool list in TypeScript-like notation (the template's two macros) ---------------------------------------
-
-
-def _ts_type(spec) -> str:
-    """render_typescript_type: JSON schema -> TypeScript-ish type, with the template's whitespace."""
-    t, nullable = _get(spec, "type"), _truthy(_get(spec, "nullable"))
-    if t == "array":
-        items = _get(spec, "items")
-        if _truthy(items):
-            it = _get(items, "type")
-            if it in ("string", "boolean"):
-                s = it + "[]"
-            elif it in ("number", "integer"):
-                s = "number[]"
-            else:
-                inner = _ts_type(items)
-                s = "any[]" if inner == "object | object" or len(inner) > 50 else inner + "[]"
-        else:
-            s = "any[]"
-        return s + " | null" if nullable else s
-    if isinstance(t, (list, tuple)) and t:
-        return " | ".join(map(str, t)) if len(t) > 1 else str(t[0])
-    one_of = _get(spec, "oneOf")
-    if _truthy(one_of):
-        # The template also computes `has_object_variants` but sets it inside a for loop, where jinja scoping
-        # discards it, so the "any" branch never runs: every variant is listed.
-        s = ""
-        for k, variant in enumerate(one_of):
-            s += _ts_type(variant)
-            if _truthy(_get(variant, "description")):
-                s += _cat("// ", _get(variant, "description"))
-            if _get(variant, "default") is not _MISSING:
-                s += " " * 20 + _cat("// default: ", _tojson(variant["default"]))
-            if k < len(one_of) - 1:
-                s += " | \n"
-        return s
-    if t == "string":
-        enum = _get(spec, "enum")
-        if _truthy(enum):
-            return '"' + '" | "'.join(map(str, enum)) + '"'
-        return "string | null" if nullable else "string"
-    if t in ("number", "integer"):
-        return "number"
-    if t == "boolean":
-        return "boolean"
-    if t == "object":
-        props = _get(spec, "properties")
-        if not _truthy(props):
-            return "object"
-        required = _get(spec, "required")
-        required = required if _truthy(required) else []
-        s = "{\n"
-        for k, (name, prop) in enumerate(_items(props)):
-            s += str(name) + ("" if name in required else "?") + ": " + "\n" + " " * 16 + _ts_type(prop)
-            if k < len(props) - 1:
-                s += ", "
-        return s + "}"
-    return "any"
-
-
-def _items(props):
-    if not isinstance(props, Mapping):
-        raise ValueError(f"tool parameter 'properties' must be an object, got {props!r}")
-    return props.items()
-
-
-def _render_tools(tools: list[dict]) -> str:
-    lines = []
-    for tool in tools:
-        s = _cat("// ", _get(tool, "description"), "\n") + _cat("type ", _get(tool, "name"), " = ")
-        params = _get(tool, "parameters")
-        if _truthy(params) and _truthy(_get(params, "properties")):
-            required = _get(params, "required")
-            required = required if _truthy(required) else []
-            s += "(_: {\n"
-            props = params["properties"]
-            for k, (name, spec) in enumerate(_items(props)):
-                if _truthy(_get(spec, "description")):
-                    s += _cat("// ", spec["description"], "\n")
-                s += str(name) + ("" if name in required else "?") + ": " + _ts_type(spec)
-                default = _get(spec, "default")
-                if default is not _MISSING:
-                    if _truthy(_get(spec, "enum")):
-                        s += _cat(", // default: ", default)
-                    elif _truthy(_get(spec, "oneOf")):
-                        s += _cat("// default: ", default)
-                    else:
-                        s += ", // default: " + _tojson(default)
-                s += ",\n" if k < len(props) - 1 else "\n"
-            s += "}) => any;"
-        else:
-            s += "() => any;"
-        lines.append(s)
-    return "\n".join(lines)
-
-
 # --- rendering -----------------------------------------------------------------------------------------------------
 
 
@@ -242,7 +40,7 @@ def _date_text(date) -> str:
 
 
 def _tool_call_text(name, arguments) -> str:
-    return _cat('{"', name, '": ', arguments, "}")
+    return jt.cat('{"', name, '": ', arguments, "}")
 
 
 def segments(messages, tools=None, enable_thinking=False, add_generation_prompt=False, date=None,
@@ -262,7 +60,7 @@ def _segments(messages, tools, enable_thinking, add_generation_prompt, date, con
         out.append((text, assistant))
 
     if messages and messages[0].get("role") == "system":
-        content = messages[0].get("content", _MISSING)
+        content = messages[0].get("content", jt.MISSING)
         if isinstance(content, str):
             text = content
         elif isinstance(content, Mapping) and "text" in content and isinstance(content["text"], str):
@@ -275,7 +73,7 @@ def _segments(messages, tools, enable_thinking, add_generation_prompt, date, con
         emit(SYSTEM_START + DEFAULT_SYSTEM + _date_text(date) + SYSTEM_END)
         loop = messages
     emit(DEVELOPER_START + "Deliberation: " + ("enabled\n" if enable_thinking else "disabled\n")
-         + ("Tool Capabilities:\n" + _render_tools(tools) if tools else "Tool Capabilities: disabled")
+         + ("Tool Capabilities:\n" + jt.render_tools(tools) if tools else "Tool Capabilities: disabled")
          + DEVELOPER_END)
 
     in_assistant = in_tool = in_inner = waiting_for_tool_outputs = False
@@ -307,13 +105,13 @@ def _segments(messages, tools, enable_thinking, add_generation_prompt, date, con
                 elif isinstance(content, Mapping) and "parts" in content:
                     text = ""
                     for part in content["parts"]:
-                        kind = _get(part, "type")
+                        kind = jt.get(part, "type")
                         if kind == "text":
-                            text += _out(_get(part, "text"))
+                            text += jt.printed(jt.get(part, "text"))
                         elif kind == "image":
                             text += IMAGE
                         else:
-                            raise ValueError(f"Invalid user part: {_out(kind)}")
+                            raise ValueError(f"Invalid user part: {jt.printed(kind)}")
                 else:
                     raise ValueError("Invalid user message: user")
                 emit(USER_START + text + USER_END)
@@ -331,52 +129,52 @@ def _segments(messages, tools, enable_thinking, add_generation_prompt, date, con
             elif isinstance(content, Mapping) and "blocks" in content and assistant_format in (None, "mapping"):
                 assistant_format = "mapping"
                 for k, block in enumerate(content["blocks"]):
-                    kind = _get(block, "type")
+                    kind = jt.get(block, "type")
                     if kind == "thoughts":
                         close_tool_outputs()
                         if not in_inner:
                             in_inner = True
                             emit(INNER_PREFIX, True)
-                        emit(_out(_get(block, "text")), True)
+                        emit(jt.printed(jt.get(block, "text")), True)
                     elif kind == "tool_calls":
                         close_tool_outputs()
-                        calls = _get(block, "calls")
-                        calls = [] if calls is _MISSING else calls
-                        if in_inner and k > 0 and len(calls) == 1 and _get(calls[0], "name") == "display_answers":
+                        calls = jt.get(block, "calls")
+                        calls = [] if calls is jt.MISSING else calls
+                        if in_inner and k > 0 and len(calls) == 1 and jt.get(calls[0], "name") == "display_answers":
                             in_inner = False
                             emit(INNER_SUFFIX, True)
-                        emit_calls(calls, lambda c: _tool_call_text(_get(c, "name"), _get(c, "arguments")))
+                        emit_calls(calls, lambda c: _tool_call_text(jt.get(c, "name"), jt.get(c, "arguments")))
                     elif kind == "tool_outputs":
                         if in_tool:
                             raise ValueError("Cannot have both tool outputs as separate messages and tool outputs "
                                              "as blocks")
-                        outputs = _get(block, "outputs")
-                        outputs = [] if outputs is _MISSING else outputs
-                        emit("[" + ", ".join(_out(_get(o, "output")) for o in outputs) + "]")
+                        outputs = jt.get(block, "outputs")
+                        outputs = [] if outputs is jt.MISSING else outputs
+                        emit("[" + ", ".join(jt.printed(jt.get(o, "output")) for o in outputs) + "]")
                         waiting_for_tool_outputs = False
                     elif kind == "response":
                         close_tool_outputs()
                         if in_inner:
                             in_inner = False
                             emit(INNER_SUFFIX, True)
-                        emit(_out(_get(block, "text")), True)
+                        emit(jt.printed(jt.get(block, "text")), True)
                     else:
-                        raise ValueError(f"Invalid assistant block type: {_out(kind)}")
+                        raise ValueError(f"Invalid assistant block type: {jt.printed(kind)}")
             else:
                 # includes mixing plain-string and block assistant messages in one conversation
                 raise ValueError("Invalid assistant content")
             if message.get("tool_calls"):
                 for call in message["tool_calls"]:
-                    if _get(call, "type") != "function":
-                        raise ValueError(f"Invalid tool call type: {_out(_get(call, 'type'))}")
+                    if jt.get(call, "type") != "function":
+                        raise ValueError(f"Invalid tool call type: {jt.printed(jt.get(call, 'type'))}")
                 emit_calls(message["tool_calls"], lambda c: _tool_call_text(
-                    _get(_get(c, "function"), "name"), _get(_get(c, "function"), "arguments")))
+                    jt.get(jt.get(c, "function"), "name"), jt.get(jt.get(c, "function"), "arguments")))
         elif role == "tool":
             if not in_assistant:
                 raise ValueError("Tool message outside of assistant")
             emit(", " if in_tool else "[")
             in_tool = True
-            emit(_out(message.get("content", _MISSING)))
+            emit(jt.printed(message.get("content", jt.MISSING)))
             waiting_for_tool_outputs = False
         else:
             raise ValueError(f"Invalid message role: {role!r}")
@@ -464,7 +262,7 @@ def parse_calls(raw: str) -> list[dict] | None:
         else:
             return None
         out.append({"id": f"call_{len(out)}", "type": "function",
-                    "function": {"name": name, "arguments": args if isinstance(args, str) else _tojson(args)}})
+                    "function": {"name": name, "arguments": args if isinstance(args, str) else jt.tojson(args)}})
     return out
 
 

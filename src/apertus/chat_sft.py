@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .chat import _MISSING, _cat, _get, _out, _render_tools, _truthy, normalize_messages, normalize_tools
+from . import chat_template as jt
+from .chat_template import normalize_messages, normalize_tools
 
 # SFT-time names of ids 61..72, in id order (released names: <|system_start|> ... <|tools_suffix|>).
 SFT_TOKENS = tuple(f"<SPECIAL_{i}>" for i in range(61, 73))
@@ -32,7 +33,7 @@ SFT_TOKEN_IDS = dict(zip(SFT_TOKENS, range(61, 73), strict=True))
 
 def _is_sequence(x) -> bool:
     """jinja's `is sequence`: has a length and item access (strings, lists and mappings)."""
-    return x is not _MISSING and hasattr(x, "__len__") and hasattr(x, "__getitem__")
+    return x is not jt.MISSING and hasattr(x, "__len__") and hasattr(x, "__getitem__")
 
 
 def sft_segments(messages, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
@@ -46,12 +47,12 @@ def sft_segments(messages, add_generation_prompt: bool = False) -> list[tuple[st
 def _sft_segments(messages, add_generation_prompt):
     out: list[tuple[str, bool]] = []
     emit = lambda text, assistant=False: out.append((text, assistant))  # noqa: E731
-    if messages and _get(messages[0], "role") == "system":
-        content = _get(messages[0], "content")
+    if messages and jt.get(messages[0], "role") == "system":
+        content = jt.get(messages[0], "content")
         if isinstance(content, str):
             text = content
         elif isinstance(content, Mapping) and "text" in content:
-            text = _out(content["text"])
+            text = jt.printed(content["text"])
         else:
             raise ValueError(f"Invalid system content: {content!r}")
         emit(S_START + text + S_END)
@@ -59,81 +60,81 @@ def _sft_segments(messages, add_generation_prompt):
     else:
         emit(S_START + S_END)
         rest = messages
-    if rest and _get(rest[0], "role") == "developer":
-        emit(D_START + _developer_text(_get(rest[0], "content")) + D_END)
+    if rest and jt.get(rest[0], "role") == "developer":
+        emit(D_START + _developer_text(jt.get(rest[0], "content")) + D_END)
         loop = rest[1:]
     else:
         emit(D_START + "Deliberation: disabled\nTool Capabilities: disabled" + D_END)
         loop = rest
     for message in loop:
-        role, content = _get(message, "role"), _get(message, "content")
+        role, content = jt.get(message, "role"), jt.get(message, "content")
         if role == "user":
             if isinstance(content, str):
                 text = content
             elif _is_sequence(content):
-                parts = _get(content, "parts")
-                text = "".join(_out(_get(p, "text")) for p in ([] if parts is _MISSING else parts)
-                               if _get(p, "type") == "text")
+                parts = jt.get(content, "parts")
+                text = "".join(jt.printed(jt.get(p, "text")) for p in ([] if parts is jt.MISSING else parts)
+                               if jt.get(p, "type") == "text")
             else:
-                raise ValueError(f"Invalid user content: {_out(content)}")
+                raise ValueError(f"Invalid user content: {jt.printed(content)}")
             emit(U_START + text + U_END)
         elif role == "assistant":
             emit(A_START)
             if isinstance(content, str):
                 emit(content, True)
             elif _is_sequence(content):
-                _assistant_blocks(_get(content, "blocks"), emit)
+                _assistant_blocks(jt.get(content, "blocks"), emit)
             else:
-                raise ValueError(f"Invalid assistant content: {_out(content)}")
+                raise ValueError(f"Invalid assistant content: {jt.printed(content)}")
             emit(A_END, True)
         else:
-            raise ValueError(f"Invalid message role: {_cat(role)}")
+            raise ValueError(f"Invalid message role: {jt.cat(role)}")
     if add_generation_prompt:
         emit(A_START)
     return out
 
 
 def _developer_text(content) -> str:
-    if content is _MISSING or not isinstance(content, (str, Mapping)):  # jinja's `in` needs a container
+    if content is jt.MISSING or not isinstance(content, (str, Mapping)):  # jinja's `in` needs a container
         raise ValueError(f"Invalid developer content: {content!r}")
     # on a string, `"has_thinking" in content` is a substring test and `content.has_thinking` is undefined
-    text = "Deliberation: " + ("enabled" if _truthy(_get(content, "has_thinking")) else "disabled") + "\n" \
+    text = "Deliberation: " + ("enabled" if jt.truthy(jt.get(content, "has_thinking")) else "disabled") + "\n" \
         if "has_thinking" in content else "Deliberation: disabled\n"
-    tools = _get(content, "formatted_tools")
-    return text + (_cat("Tool Capabilities:\n", tools) if "formatted_tools" in content and _truthy(tools)
+    tools = jt.get(content, "formatted_tools")
+    return text + (jt.cat("Tool Capabilities:\n", tools) if "formatted_tools" in content and jt.truthy(tools)
                    else "Tool Capabilities: disabled")
 
 
 def _assistant_blocks(blocks, emit):
-    blocks = [] if blocks is _MISSING else list(blocks)
+    blocks = [] if blocks is jt.MISSING else list(blocks)
     in_inner = False
     for k, block in enumerate(blocks):
-        kind = _get(block, "type")
+        kind = jt.get(block, "type")
         if kind == "thoughts":
             if not in_inner:
                 in_inner = True
                 emit(INNER, True)
-            emit(_out(_get(block, "text")), True)
+            emit(jt.printed(jt.get(block, "text")), True)
         elif kind == "tool_calls":
-            calls = _get(block, "calls")
-            calls = [] if calls is _MISSING else calls
-            if in_inner and k > 0 and len(calls) == 1 and _get(calls[0], "name") == "display_answers":
+            calls = jt.get(block, "calls")
+            calls = [] if calls is jt.MISSING else calls
+            if in_inner and k > 0 and len(calls) == 1 and jt.get(calls[0], "name") == "display_answers":
                 in_inner = False
                 emit(OUTER, True)
-            emit(T_START + "[" + ", ".join(_cat('{"', _get(c, "name"), '": ', _get(c, "arguments"), "}")
+            emit(T_START + "[" + ", ".join(jt.cat('{"', jt.get(c, "name"), '": ', jt.get(c, "arguments"), "}")
                                            for c in calls) + "]" + T_END, True)
         elif kind == "tool_outputs":
-            outputs = _get(block, "outputs")
-            outputs = [] if outputs is _MISSING else outputs
-            emit("[" + ", ".join(_out(_get(o, "output")) for o in outputs) + "]" + (" " if k < len(blocks) - 1
+            outputs = jt.get(block, "outputs")
+            outputs = [] if outputs is jt.MISSING else outputs
+            emit("[" + ", ".join(jt.printed(jt.get(o, "output")) for o in outputs) + "]" + (" " if k < len(blocks) - 1
                                                                                         else ""))
         elif kind == "response":
             if k > 0 and in_inner:
                 in_inner = False
                 emit(OUTER, True)
-            emit(_out(_get(block, "text")), True)
+            emit(jt.printed(jt.get(block, "text")), True)
         else:
-            raise ValueError(f"Invalid block type: {_cat(kind)}")
+            raise ValueError(f"Invalid block type: {jt.cat(kind)}")
 
 
 def render_sft(messages, add_generation_prompt: bool = False) -> str:
@@ -162,7 +163,7 @@ def sft_messages(messages, tools=None, enable_thinking: bool = False) -> list[di
     head += developer
     if (enable_thinking or tools) and not developer:
         head.append({"role": "developer", "content": {"has_thinking": bool(enable_thinking),
-                                                       "formatted_tools": _render_tools(normalize_tools(tools))}})
+                                                       "formatted_tools": jt.render_tools(normalize_tools(tools))}})
     out, turn = [], []  # turn: the assistant/tool messages since the last other message
     for m in [*messages, None]:
         if m is not None and m.get("role") in ("assistant", "tool"):
@@ -181,7 +182,7 @@ def _merge_turn(turn: list[dict]) -> list[dict]:
     blocks = []
     for m in turn:
         if m.get("role") == "tool":
-            output = {"output": _out(m.get("content", _MISSING))}  # normalize_messages made it a string
+            output = {"output": jt.printed(m.get("content", jt.MISSING))}  # normalize_messages made it a string
             if blocks and blocks[-1]["type"] == "tool_outputs":
                 blocks[-1]["outputs"].append(output)
             else:
@@ -193,7 +194,7 @@ def _merge_turn(turn: list[dict]) -> list[dict]:
         elif isinstance(content, str) and content:
             blocks.append({"type": "response", "text": content})
         if m.get("tool_calls"):
-            calls = [_get(c, "function") for c in m["tool_calls"]]
+            calls = [jt.get(c, "function") for c in m["tool_calls"]]
             blocks.append({"type": "tool_calls", "calls": [
-                {"name": _get(c, "name"), "arguments": _get(c, "arguments")} for c in calls]})
+                {"name": jt.get(c, "name"), "arguments": jt.get(c, "arguments")} for c in calls]})
     return [{"role": "assistant", "content": {"blocks": blocks}}]
