@@ -13,8 +13,8 @@ import sys
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import constants
 from hub_helpers import add_to_hub_cache, offline_env
+from huggingface_hub import constants
 from server_helpers import random_checkpoint
 
 from apertus import load_model

@@ -147,7 +147,8 @@ def resume_point(root: str | os.PathLike) -> Path | None:
 def is_training_checkpoint(ckpt: str | os.PathLike) -> bool:
     """A checkpoint folder, or a run / checkpoints folder holding one (not a Hugging Face directory or hub id)."""
     ckpt = Path(ckpt)
-    return (ckpt / "state.json").exists() or bool(complete_checkpoints(ckpt) or complete_checkpoints(ckpt / "checkpoints"))
+    found = complete_checkpoints(ckpt) or complete_checkpoints(ckpt / "checkpoints")
+    return (ckpt / "state.json").exists() or bool(found)
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
