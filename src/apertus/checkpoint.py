@@ -77,6 +77,13 @@ def resolve_checkpoint_dir(spec: str | os.PathLike, allow_preset: bool = False, 
                                 f"{revision or 'main'}) not found in {where}: {reason[:300]}") from None
 
 
+def is_pretrained(spec: str | os.PathLike) -> bool:
+    """Whether `spec` names a Hugging Face checkpoint: a directory with config.json or, not being a local path, a hub
+    id (whether it exists is for resolve_checkpoint_dir to find out)."""
+    path = Path(spec)
+    return (path / "config.json").is_file() if path.exists() else HUB_ID.match(str(spec)) is not None
+
+
 # --- reading ---------------------------------------------------------------------------------------------------------
 
 
