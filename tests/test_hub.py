@@ -103,6 +103,14 @@ def test_sft_init_eval_scorer_and_export_take_a_hub_id(offline, tmp_path):
     assert main(["export", REPO, "--dtype", "fp32", "--out", str(tmp_path / "fp32")]) == 0
     assert torch.equal(logits(load_model(tmp_path / "fp32")), logits(load_model(new)))
     assert (tmp_path / "fp32" / "tokenizer.json").read_bytes() == (new / "tokenizer.json").read_bytes()
+    import gguf
+
+    assert main(["export", f"{REPO}@v1", "--format", "gguf", "--dtype", "fp32", "--out", str(tmp_path / "m.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "apertus"
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    old_emb = load_model(offline[2]).model.embed_tokens.weight.detach().numpy()
+    assert (emb.data.reshape(old_emb.shape) == old_emb).all()  # the revision asked for, not main
 
 
 def test_only_checkpoint_files_are_asked_for():
