@@ -68,7 +68,7 @@ def resolve_checkpoint_dir(spec: str | os.PathLike, allow_preset: bool = False, 
 
     repo, revision = m["repo"], m["revision"]
     where = f"the Hugging Face cache {constants.HF_HUB_CACHE}" + (
-        " (HF_HUB_OFFLINE is set, so not the hub)" if constants.is_offline_mode() else " and the hub")
+        " (HF_HUB_OFFLINE is set, so not the hub)" if constants.HF_HUB_OFFLINE else " and the hub")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=files))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
