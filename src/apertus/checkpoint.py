@@ -61,8 +61,9 @@ def resolve_checkpoint_dir(spec: str | os.PathLike, allow_preset: bool = False, 
         return path
     m = HUB_ID.match(str(spec))
     if m is None:
-        raise FileNotFoundError(f"{spec}: no such checkpoint directory (nor a preset: {', '.join(PRESETS)}; nor a "
-                                "Hugging Face hub id org/name[@revision])")
+        presets = f"nor a preset ({', '.join(PRESETS)}), " if allow_preset else ""
+        raise FileNotFoundError(f"{spec}: no such checkpoint directory ({presets}nor a Hugging Face hub id "
+                                "org/name[@revision])")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
