@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -25,6 +26,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 # Fixed xIELU constants: some converters drop these buffers; their values are known.
 OPTIONAL_KEYS = ("mlp.act_fn.beta", "mlp.act_fn.eps")
 INSTRUCT_STOP_IDS = [2, 68, 72]  # </s>, <|assistant_end|>, <|tools_suffix|> (SPEC §1.2)
+# What a checkpoint needs from a hub repository: weights (safetensors only, never pickles), configs, tokenizer files
+# and the chat template; a repository's other files (original/, *.bin, *.gguf, images) are never downloaded.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+# `org/name` or `org/name@revision` (a branch, tag or commit): huggingface_hub's repo-id alphabet, one slash.
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -35,6 +42,47 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use fp32 or bf16")
     return names[dtype]
+
+
+# --- finding -------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint_dir(spec: str | os.PathLike, allow_preset: bool = False, files: list[str] = HUB_FILES) -> Path:
+    """The local directory of a checkpoint given as a path or a Hugging Face hub id (`org/name[@revision]`).
+
+    A local path wins when it exists. A hub id is resolved by `huggingface_hub.snapshot_download` with only the files a
+    checkpoint needs (HUB_FILES), so the standard cache, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply as for any
+    Hugging Face tool; a cached revision is used without the network. With `allow_preset`, a preset name that is not
+    a local path comes back unchanged (as a Path) for `load_model` to build. `files` narrows what a hub id fetches
+    (e.g. ["config.json"] for `apertus info`).
+    """
+    path = Path(spec)
+    if path.exists() or (allow_preset and str(spec) in PRESETS):
+        return path
+    m = HUB_ID.match(str(spec))
+    if m is None:
+        presets = f"nor a preset ({', '.join(PRESETS)}), " if allow_preset else ""
+        raise FileNotFoundError(f"{spec}: no such checkpoint directory ({presets}nor a Hugging Face hub id "
+                                "org/name[@revision])")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, revision = m["repo"], m["revision"]
+    where = f"the Hugging Face cache {constants.HF_HUB_CACHE}" + (
+        " (HF_HUB_OFFLINE is set, so not the hub)" if constants.HF_HUB_OFFLINE else " and the hub")
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=files))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        reason = " ".join(str(e).split())  # one line: hub errors span several
+        raise FileNotFoundError(f"{spec}: not a local directory, and hub model {repo} (revision "
+                                f"{revision or 'main'}) not found in {where}: {reason[:300]}") from None
+
+
+def is_pretrained(spec: str | os.PathLike) -> bool:
+    """Whether `spec` names a Hugging Face checkpoint: a directory with config.json or, not being a local path, a hub
+    id (whether it exists is for resolve_checkpoint_dir to find out)."""
+    path = Path(spec)
+    return (path / "config.json").is_file() if path.exists() else HUB_ID.match(str(spec)) is not None
 
 
 # --- reading ---------------------------------------------------------------------------------------------------------
@@ -91,9 +139,10 @@ def _tensors(files: list[Path], allow_pickle: bool):
 
 def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
                allow_pickle: bool = False) -> Apertus:
-    """An Apertus model from a Hugging Face checkpoint directory, or a freshly initialised preset (`tiny`, ...)."""
+    """An Apertus model from a Hugging Face checkpoint (a directory or a hub id `org/name[@revision]`), or a freshly
+    initialised preset (`tiny`, ...)."""
     dtype = parse_dtype(dtype)
-    path = Path(path_or_preset)
+    path = resolve_checkpoint_dir(path_or_preset, allow_preset=True)
     if not path.exists() and str(path_or_preset) in PRESETS:
         return build_model(preset(str(path_or_preset)), device=device, dtype=dtype)
     if not path.is_dir():
@@ -179,6 +228,27 @@ def save_model(model: Apertus, path: str | os.PathLike, dtype: torch.dtype | str
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     replace_dir(tmp, path)
+
+
+def export_pretrained(spec: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "hf",
+                      dtype: str = "bf16") -> Path:
+    """Convert a Hugging Face checkpoint (a directory or a hub id) to another dtype (`fmt` "hf", tokenizer files,
+    chat template and generation config carried over) or to one GGUF file for llama.cpp (`fmt` "gguf").
+    `out` defaults to NAME-DTYPE (or NAME-DTYPE.gguf) in the working directory."""
+    src = resolve_checkpoint_dir(spec)
+    name = Path(spec).resolve().name if Path(spec).exists() else Path(str(spec).partition("@")[0]).name  # a hub id
+    if fmt == "gguf":
+        from .export_gguf import export_gguf
+
+        gguf_dtype = {"bf16": "bf16", "fp32": "f32", "f16": "f16"}[dtype]
+        return export_gguf(src, Path(out or f"{name}-{dtype}.gguf"), gguf_dtype)
+    if fmt != "hf":
+        raise ValueError(f"unknown export format {fmt!r}; use hf or gguf")
+    keep = set(HUB_FILES) - {"config.json", "model.safetensors.index.json"}  # save_model writes those
+    extra = {f.name: f.read_text() for f in sorted(src.iterdir()) if f.name in keep}
+    out = Path(out or f"{name}-{dtype}")
+    save_model(load_model(src, dtype=dtype), out, dtype=dtype, extra_files=extra)
+    return out
 
 
 def replace_dir(tmp: Path, path: Path):

@@ -13,11 +13,12 @@ def _gb(n_bytes: float) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from .checkpoint import load_model
+    from .checkpoint import load_model, resolve_checkpoint_dir
     from .config import PRESETS, load_config, preset
     from .model import build_model
 
-    cfg = preset(args.model) if args.model in PRESETS else load_config(args.model)
+    cfg = preset(args.model) if args.model in PRESETS else load_config(
+        resolve_checkpoint_dir(args.model, files=["config.json"]))
     model = build_model(cfg, device="meta")
     n, n_emb = model.num_params(), cfg.vocab_size * cfg.hidden_size
     print(f"{args.model}: Apertus, {n / 1e9:.2f}B parameters ({n:,}; {(n - n_emb) / 1e9:.2f}B without the input "
@@ -192,10 +193,15 @@ def _train_argv(args) -> list[str]:
 
 
 def cmd_export(args) -> int:
+    from .checkpoint import export_pretrained, is_pretrained
     from .train import checkpointing as ck
 
     if args.format == "hf" and args.dtype == "f16":
         raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
+    if is_pretrained(args.checkpoint) and not ck.is_training_checkpoint(args.checkpoint):  # a directory or hub id
+        out = export_pretrained(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype)
+        print(f"wrote {out} ({'GGUF for llama.cpp' if args.format == 'gguf' else 'Hugging Face'}, {args.dtype})")
+        return 0
     out = args.out or ck.default_export_path(args.checkpoint, args.format, args.dtype)
     if args.format == "gguf":
         out = ck.export_checkpoint_gguf(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
@@ -220,10 +226,12 @@ def _add_train_commands(sub) -> None:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face Apertus checkpoint or GGUF")
-    s.add_argument("checkpoint", help="checkpoint folder (runs/X/checkpoints/step_N), or a run folder (newest)")
+    s.add_argument("checkpoint", help="checkpoint folder (runs/X/checkpoints/step_N), or a run folder (newest), or "
+                   "a Hugging Face checkpoint (directory or hub id org/name[@revision]) to convert")
     s.add_argument("--format", choices=["hf", "gguf"], default="hf",
                    help="hf: a directory transformers loads; gguf: one file llama.cpp loads")
-    s.add_argument("--out", help="output directory (hf) or .gguf file (default: RUN/export/...)")
+    s.add_argument("--out", help="output directory (hf) or .gguf file (default: RUN/export/..., or NAME-DTYPE[.gguf] "
+                   "here for a Hugging Face checkpoint)")
     s.add_argument("--dtype", choices=["bf16", "fp32", "f16"], default="bf16", help="weights (f16: gguf only)")
     s.add_argument("--tokenizer", help="tokenizer.json to include (default: the run's tokenizer/)")
     s.set_defaults(func=cmd_export)
@@ -291,7 +299,8 @@ _COMPILE_HELP = "run the engine through torch.compile: 2-3x faster decoding step
 
 
 def _add_sampling_args(s, max_tokens: int) -> None:
-    s.add_argument("model", help="checkpoint directory (or a preset name, random weights)")
+    s.add_argument("model", help="checkpoint directory or hub id org/name[@revision] (or a preset name, random "
+                   "weights)")
     s.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0.8)")
     s.add_argument("--top-p", type=float, help="nucleus sampling (default: generation_config.json, else 0.9)")
     s.add_argument("--top-k", type=int, help="0 = off")
@@ -340,7 +349,8 @@ def cmd_serve(args) -> int:
 
 def _add_serve_commands(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible server and web chat (http://127.0.0.1:8000/)")
-    s.add_argument("model", help="checkpoint directory (or a preset name, random weights)")
+    s.add_argument("model", help="checkpoint directory or hub id org/name[@revision] (or a preset name, random "
+                   "weights)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $APERTUS_API_KEY)")
@@ -455,8 +465,8 @@ def _run_name(model: str) -> str:
 def _add_eval_commands(sub) -> None:
     s = sub.add_parser("eval", help="evaluate a checkpoint: tasks, memorization audit, lm-eval adapter",
                        epilog=_EVAL_FORMS, formatter_class=argparse.RawTextHelpFormatter)
-    s.add_argument("target", help="checkpoint directory, or `memorization`, or `lm-eval-hook`")
-    s.add_argument("model", nargs="?", help="checkpoint directory (after `memorization`)")
+    s.add_argument("target", help="checkpoint directory or hub id, or `memorization`, or `lm-eval-hook`")
+    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (after `memorization`)")
     s.add_argument("--out", help="report directory (default runs/eval/<model name>[/memorization])")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -660,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- model -----------------------------------------------------------------------------------------------------
     s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint")
-    s.add_argument("model", help="preset name (tiny, apertus-8b, apertus-70b) or checkpoint directory")
+    s.add_argument("model", help="preset name (tiny, apertus-8b, apertus-70b), config.json, checkpoint directory or "
+                   "hub id org/name[@revision]")
     s.add_argument("--seq-len", type=int, default=4096)
     s.add_argument("--load", action="store_true", help="also load the weights (checks the checkpoint)")
     s.set_defaults(func=cmd_info)

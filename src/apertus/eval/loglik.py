@@ -61,9 +61,10 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, path, dtype="fp32", device=None, tokenizer=None, **kwargs) -> Scorer:
-        from ..checkpoint import load_model
+        from ..checkpoint import load_model, resolve_checkpoint_dir
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        path = resolve_checkpoint_dir(path, allow_preset=True)  # a hub id: its local snapshot (tokenizer included)
         model = load_model(path, dtype=dtype, device=device)
         return cls(model, load_tokenizer(path, tokenizer, model.config.vocab_size), **kwargs)
 

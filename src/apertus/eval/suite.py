@@ -173,10 +173,12 @@ def evaluate(model, tasks: list[str], *, out=None, limit: int | None = None, lan
 
     `model` is a checkpoint directory or an in-memory `apertus.model.Apertus` (then `tokenizer`, a Tokenizer or a
     tokenizer.json path, is required, and `dtype`/`device` are left as the model has them)."""
+    from ..checkpoint import resolve_checkpoint_dir
     from .loglik import Scorer, load_tokenizer
 
     if isinstance(model, (str, os.PathLike)):
         name = name or str(model)
+        model = resolve_checkpoint_dir(model)  # a hub id: its local snapshot (the report keeps the id as its name)
         scorer = Scorer.from_pretrained(model, dtype=dtype, device=device, tokenizer=tokenizer, max_len=max_len,
                                         batch_tokens=batch_tokens, progress=progress)
     else:

@@ -126,7 +126,7 @@ class Engine:
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
                  cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 2048, max_queue: int = 1024,
                  page_size: int = 16, quantize: str | None = None, output_filter=None, compile: bool = False):
-        from ..checkpoint import load_model, parse_dtype
+        from ..checkpoint import load_model, parse_dtype, resolve_checkpoint_dir
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = parse_dtype(dtype)
@@ -134,6 +134,7 @@ class Engine:
         if isinstance(model_or_path, torch.nn.Module):
             model = model_or_path.to(device=device, dtype=dtype) if dtype else model_or_path.to(device)
         else:
+            model_or_path = resolve_checkpoint_dir(model_or_path, allow_preset=True)  # a hub id: its local snapshot
             model_dir = Path(model_or_path) if Path(model_or_path).is_dir() else None
             if dtype is None:
                 dtype = torch.bfloat16 if device.type == "cuda" or (

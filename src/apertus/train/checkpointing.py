@@ -144,6 +144,13 @@ def resume_point(root: str | os.PathLike) -> Path | None:
 # --- export to a Hugging Face directory ------------------------------------------------------------------------------
 
 
+def is_training_checkpoint(ckpt: str | os.PathLike) -> bool:
+    """A checkpoint folder, or a run / checkpoints folder holding one (not a Hugging Face directory or hub id)."""
+    ckpt = Path(ckpt)
+    found = complete_checkpoints(ckpt) or complete_checkpoints(ckpt / "checkpoints")
+    return (ckpt / "state.json").exists() or bool(found)
+
+
 def resolve_checkpoint(ckpt: str | os.PathLike) -> Path:
     """A checkpoint folder as given, or the newest complete one of a run / checkpoints folder."""
     ckpt = Path(ckpt)

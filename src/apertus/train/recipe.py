@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checkpoint import resolve_checkpoint_dir
 from ..config import ApertusConfig, load_config, load_toml, model_config_from
 from .optim import DECAYS, wsd
 
@@ -192,6 +193,7 @@ def parse_recipe(d: dict, world_size: int = 1) -> Recipe:
     if init_from:  # the architecture is the checkpoint's; other [model] keys override it (e.g. rope_theta)
         if "preset" in model_table:
             raise ValueError("recipe: [model] give preset or init_from, not both")
+        init_from = str(resolve_checkpoint_dir(init_from))  # a hub id: its local snapshot
         unknown = sorted(set(model_table) - {f.name for f in dataclasses.fields(ApertusConfig)})
         if unknown:
             raise ValueError(f"recipe: [model] unknown key(s) {', '.join(unknown)}")

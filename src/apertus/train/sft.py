@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import resolve_checkpoint_dir
 from ..config import ApertusConfig, load_config, load_toml, model_config_from
 from .chat_data import SKIP_REASONS, encode, read_sources
 from .distributed import Dist, all_reduce_sum, init_distributed, run_job, shutdown
@@ -107,6 +108,7 @@ def parse_model(table: dict | None) -> tuple[ApertusConfig, str | None]:
         return model_config_from(table), None
     if "preset" in table:
         raise ValueError("recipe: [model] give preset or init_from, not both")
+    init_from = str(resolve_checkpoint_dir(init_from))  # a hub id: its local snapshot (config, weights, tokenizer)
     unknown = sorted(set(table) - {f.name for f in dataclasses.fields(ApertusConfig)})
     if unknown:
         raise ValueError(f"recipe: [model] unknown key(s) {', '.join(unknown)}")
