@@ -230,27 +230,6 @@ def save_model(model: Apertus, path: str | os.PathLike, dtype: torch.dtype | str
     replace_dir(tmp, path)
 
 
-def export_pretrained(spec: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "hf",
-                      dtype: str = "bf16") -> Path:
-    """Convert a Hugging Face checkpoint (a directory or a hub id) to another dtype (`fmt` "hf", tokenizer files,
-    chat template and generation config carried over) or to one GGUF file for llama.cpp (`fmt` "gguf").
-    `out` defaults to NAME-DTYPE (or NAME-DTYPE.gguf) in the working directory."""
-    src = resolve_checkpoint_dir(spec)
-    name = Path(spec).resolve().name if Path(spec).exists() else Path(str(spec).partition("@")[0]).name  # a hub id
-    if fmt == "gguf":
-        from .export_gguf import export_gguf
-
-        gguf_dtype = {"bf16": "bf16", "fp32": "f32", "f16": "f16"}[dtype]
-        return export_gguf(src, Path(out or f"{name}-{dtype}.gguf"), gguf_dtype)
-    if fmt != "hf":
-        raise ValueError(f"unknown export format {fmt!r}; use hf or gguf")
-    keep = set(HUB_FILES) - {"config.json", "model.safetensors.index.json"}  # save_model writes those
-    extra = {f.name: f.read_text() for f in sorted(src.iterdir()) if f.name in keep}
-    out = Path(out or f"{name}-{dtype}")
-    save_model(load_model(src, dtype=dtype), out, dtype=dtype, extra_files=extra)
-    return out
-
-
 def replace_dir(tmp: Path, path: Path):
     """Swap a fully written directory into place; the old one is removed only after the new one is there."""
     old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -193,13 +193,13 @@ def _train_argv(args) -> list[str]:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import export_pretrained, is_pretrained
+    from .checkpoint import is_pretrained
     from .train import checkpointing as ck
 
     if args.format == "hf" and args.dtype == "f16":
         raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
     if is_pretrained(args.checkpoint) and not ck.is_training_checkpoint(args.checkpoint):  # a directory or hub id
-        out = export_pretrained(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype)
+        out = ck.export_pretrained(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype)
         print(f"wrote {out} ({'GGUF for llama.cpp' if args.format == 'gguf' else 'Hugging Face'}, {args.dtype})")
         return 0
     out = args.out or ck.default_export_path(args.checkpoint, args.format, args.dtype)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..checkpoint import HUB_FILES, load_model, resolve_checkpoint_dir, save_model
 from .distributed import Dist, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -189,13 +190,33 @@ def _tokenizer_files(ckpt: Path, tokenizer: str | os.PathLike | None) -> dict[st
     return {}
 
 
+def export_pretrained(spec: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "hf",
+                      dtype: str = "bf16") -> Path:
+    """Convert a Hugging Face checkpoint (a directory or a hub id) to another dtype (`fmt` "hf", tokenizer files,
+    chat template and generation config carried over) or to one GGUF file for llama.cpp (`fmt` "gguf").
+    `out` defaults to NAME-DTYPE (or NAME-DTYPE.gguf) in the working directory."""
+    src = resolve_checkpoint_dir(spec)
+    name = Path(spec).resolve().name if Path(spec).exists() else Path(str(spec).partition("@")[0]).name  # a hub id
+    if fmt == "gguf":
+        from ..export_gguf import export_gguf
+
+        gguf_dtype = {"bf16": "bf16", "fp32": "f32", "f16": "f16"}[dtype]
+        return export_gguf(src, Path(out or f"{name}-{dtype}.gguf"), gguf_dtype)
+    if fmt != "hf":
+        raise ValueError(f"unknown export format {fmt!r}; use hf or gguf")
+    keep = set(HUB_FILES) - {"config.json", "model.safetensors.index.json"}  # save_model writes those
+    extra = {f.name: f.read_text() for f in sorted(src.iterdir()) if f.name in keep}
+    out = Path(out or f"{name}-{dtype}")
+    save_model(load_model(src, dtype=dtype), out, dtype=dtype, extra_files=extra)
+    return out
+
+
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16",
                       tokenizer: str | os.PathLike | None = None) -> Path:
     """Write a training checkpoint as a Hugging Face Apertus directory (safetensors, config, tokenizer files).
 
     `ckpt` is a checkpoint folder, or a run / checkpoints folder (its newest complete checkpoint is taken).
     """
-    from ..checkpoint import save_model
     from ..config import load_config
     from ..model import build_model
 
