@@ -177,7 +177,7 @@ def test_judge_digit_score():
 
 def instruct_checkpoint(model, tok, out):
     from apertus.checkpoint import save_model
-    from apertus.train.sft import instruct_tokenizer_files
+    from apertus.train.posttrain import instruct_tokenizer_files
 
     save_model(model, out, instruct=True, extra_files=instruct_tokenizer_files(tok))
     return out

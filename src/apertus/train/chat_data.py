@@ -157,10 +157,16 @@ def _final_turn_problem(messages) -> str | None:
     return None
 
 
-def encode(tokenizer, conv: dict, max_len: int, date=None) -> tuple[list[int], list[bool]] | str:
-    """(ids, assistant mask) of a conversation for SFT, or the reason it is skipped (one of SKIP_REASONS)."""
+SFT_FORMATS = ("apertus-sft", "release")
+
+
+def encode(tokenizer, conv: dict, max_len: int, date=None, format="apertus-sft") -> tuple[list[int], list[bool]] | str:
+    """(ids, assistant mask) of a conversation for SFT, or the reason it is skipped (one of SKIP_REASONS). `format` is
+    the SFT recipe's [data] format (SFT_FORMATS)."""
     from ..chat import encode_chat
 
+    if format not in SFT_FORMATS:
+        raise ValueError(f"SFT format {format!r}: use one of {', '.join(SFT_FORMATS)}")
     if "error" in conv:
         return "invalid"
     problem = _final_turn_problem(conv["messages"])

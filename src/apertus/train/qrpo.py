@@ -30,29 +30,29 @@ import torch.nn.functional as F
 from ..config import ApertusConfig
 from .chat_data import prompt_of, read_sources
 from .distributed import Dist, barrier, init_distributed
-from .loop import LoopConfig, train
+from .loop import train
 from .loss import linear_cross_entropy
-from .recipe import Checkpoint, _check
-from .sft import (
+from .posttrain import (
     PAD,
     Export,
-    Optim,
+    PosttrainOptim,
+    PosttrainTrain,
     RowSource,
-    Train,
     check_common,
     export_instruct,
     load_tokenizer,
     log,
-    make_optimizer,
-    parse_model,
-    parse_tables,
     record_run,
     run_date,
     schedule,
     total_steps,
-    training_model,
     write_run_files,
 )
+from .posttrain import command as posttrain_command
+from .posttrain import main as posttrain_main
+from .posttrain import run as posttrain_run
+from .pretrain import training_model
+from .recipe import Checkpoint, ensure, loop_config, make_optimizer, parse_model, parse_tables
 
 # --- the losses -------------------------------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
 
 
 @dataclass
-class Data:
+class AlignData:
     prompts: list = field(default_factory=list)  # chat_data sources; a final assistant turn is dropped from prompts
     eval_prompts: list = field(default_factory=list)  # held-out prompts: mean reward before and after
     tokenizer: str | None = None  # default: the init_from checkpoint's
@@ -146,30 +146,31 @@ class Loss:
 class AlignRecipe:
     model: ApertusConfig
     init_from: str | None
-    data: Data
+    data: AlignData
     sampling: Sampling
     reward: Reward
     loss: Loss
-    train: Train
-    optim: Optim
+    train: PosttrainTrain
+    optim: PosttrainOptim
     checkpoint: Checkpoint
     export: Export
 
 
 def parse_align_recipe(d: dict, world_size: int = 1) -> AlignRecipe:
     model, init_from = parse_model(d.get("model"))
-    tables = parse_tables(d, {"data": Data, "sampling": Sampling, "reward": Reward, "loss": Loss, "train": Train,
-                              "optim": Optim, "checkpoint": Checkpoint, "export": Export})
+    tables = parse_tables(d, {"data": AlignData, "sampling": Sampling, "reward": Reward, "loss": Loss,
+                              "train": PosttrainTrain, "optim": PosttrainOptim, "checkpoint": Checkpoint,
+                              "export": Export})
     r = AlignRecipe(model=model, init_from=init_from, **tables)
-    _check(bool(init_from), "[model] init_from must name the starting (SFT) checkpoint: it is also π_ref")
-    _check(bool(r.data.prompts), "[data] prompts is empty")
+    ensure(bool(init_from), "[model] init_from must name the starting (SFT) checkpoint: it is also π_ref")
+    ensure(bool(r.data.prompts), "[data] prompts is empty")
     s, lo = r.sampling, r.loss
-    _check(s.n >= 2 and s.max_tokens >= 1 and s.chunk >= 1 and s.eval_n >= 1, "[sampling] need n >= 2, "
+    ensure(s.n >= 2 and s.max_tokens >= 1 and s.chunk >= 1 and s.eval_n >= 1, "[sampling] need n >= 2, "
            "max_tokens >= 1, chunk >= 1, eval_n >= 1")
-    _check(s.temperature >= 0 and 0 < s.top_p <= 1, "[sampling] need temperature >= 0 and 0 < top_p <= 1")
-    _check(lo.name in ("qrpo", "dpo") and lo.beta > 0 and lo.max_beta >= 0, "[loss] name must be 'qrpo' or 'dpo', "
+    ensure(s.temperature >= 0 and 0 < s.top_p <= 1, "[sampling] need temperature >= 0 and 0 < top_p <= 1")
+    ensure(lo.name in ("qrpo", "dpo") and lo.beta > 0 and lo.max_beta >= 0, "[loss] name must be 'qrpo' or 'dpo', "
            "beta > 0, max_beta >= 0")
-    _check(r.reward.kind in ("function", "model", "judge"), "[reward] kind must be 'function', 'model' or 'judge'")
+    ensure(r.reward.kind in ("function", "model", "judge"), "[reward] kind must be 'function', 'model' or 'judge'")
     check_common(model, r.train, r.optim, world_size)
     return r
 
@@ -277,7 +278,7 @@ def _drop_partial_line(file: Path):
             os.truncate(file, data.rfind(b"\n") + 1)
 
 
-def rollout_dtype(t: Train, device) -> torch.dtype:
+def rollout_dtype(t: PosttrainTrain, device) -> torch.dtype:
     """Weights for sampling and reference log-probs: bf16 on GPUs when training in bf16 (what the FSDP forward
     computes in with bf16 parameters), else fp32 (the training forward's master weights under autocast)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" and t.dtype == "bf16" else torch.float32
@@ -489,10 +490,8 @@ def align(recipe: AlignRecipe, out_dir: str | Path, d: Dist | None = None) -> di
                                 n[0::2], n[1::2], lo.beta, lo.length_normalize)
         return losses.sum(), losses.numel()
 
-    cfg = LoopConfig(out_dir=out, steps=steps, lr=schedule(o, steps), grad_clip=t.grad_clip or None, dtype=t.dtype,
-                     flops_per_token=model.config.flops_per_token, log_every=t.log_every,
-                     ckpt_every=recipe.checkpoint.every, keep_last=recipe.checkpoint.keep_last,
-                     permanent_every=recipe.checkpoint.permanent_every, name=f"align-{lo.name}")
+    cfg = loop_config(f"align-{lo.name}", out, steps, schedule(o, steps), t, recipe.checkpoint,
+                      model.config.flops_per_token)
     result = train(model, optimizer, source, loss_fn, cfg, d)
     if result["step"] < steps:  # stopped by SIGTERM: the checkpoint is saved, the run is not finished
         return result
@@ -515,17 +514,22 @@ def _mean(xs: list[float]) -> float:
 
 def run(recipe: str | Path | dict, out_dir: str | Path, *, init_from: str | Path | None = None,
         overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """The Python entry point: an alignment run from a recipe file or dict (see `apertus.train.sft.run`); `init_from`
+    """The Python entry point: an alignment run from a recipe file or dict (as `apertus.train.sft.run`); `init_from`
     is the SFT checkpoint (π_ref and the starting policy). Resumable; returns the instruct checkpoint out_dir/hf."""
-    from .sft import run as run_any
+    return posttrain_run("align", parse_align_recipe, align, recipe, out_dir, init_from=init_from,
+                         overrides=overrides)
 
-    return run_any(recipe, out_dir, init_from=init_from, overrides=overrides, kind="align")
+
+def command(args) -> int:
+    """`apertus align` (posttrain.add_arguments)."""
+    return posttrain_command(args, parse_align_recipe, align)
+
+
+EXAMPLE = "recipes/align_tiny.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .sft import main as run_main
-
-    return run_main(argv, kind="align")
+    return posttrain_main(argv, "apertus.train.qrpo", parse_align_recipe, align, EXAMPLE)
 
 
 if __name__ == "__main__":
