@@ -246,4 +246,5 @@ def test_recipes_carry_the_spec_numbers(tmp_path):
                                                                                          0.1)
         assert (r.loss.name, r.loss.beta, r.loss.max_beta, r.loss.length_normalize) == ("qrpo", 5.0, 0.1, True)
         assert (r.sampling.n, r.sampling.temperature, r.reward.kind) == (10, 1.0, "model")
+        assert (r.pairs.rule, r.pairs.rejected_quantile, r.data.dataset_candidates) == ("apertus", 0.2, True)
     assert align["tiny"].reward.functions == {"gsm8k_correct": 1.0, "gsm8k_format": 1.0}

@@ -5,10 +5,10 @@
 The pipeline, each stage's output kept in the run folder so a run can be inspected and resumed:
 1. rollouts/ (one JSONL line per prompt, written chunk by chunk; a rerun continues after the last complete chunk):
    n reference completions per prompt sampled from the starting (SFT) model π_ref with the engine, batched, one
-   seed per sample; their rewards (rewards.py) and those of the dataset's own answers when asked; the training pair:
-   the best and the worst completion of the pool (a prompt whose completions all score the same teaches nothing and
-   is skipped); each one's quantile reward R_q = share of the reference rewards <= its reward, and its reference
-   log-probability, computed once here.
+   seed per sample; their rewards (rewards.py) and those of the off-policy candidates the recipe names; the training
+   pair by the [pairs] rule (pairs.py: the best and worst of the pool, or as Apertus built them: a chosen that beats
+   every on-policy sample, a rejected below their 20th percentile); each one's quantile reward R_q = share of the
+   reference rewards <= its reward, and its reference log-probability, computed once here.
 2. checkpoints/, metrics.jsonl: the loop trains on the pairs with the QRPO regression loss (both completions are
    pointwise targets) or DPO (the pair), LR warmup then linear decay, AdEMAMix.
 3. hf/: the instruct checkpoint; eval/: mean reward on held-out prompts, π_ref against the trained policy, with
@@ -32,6 +32,7 @@ from .chat_data import prompt_of, read_sources
 from .distributed import Dist, barrier, init_distributed
 from .loop import train
 from .loss import linear_cross_entropy
+from .pairs import RULES, Pairs, as_candidate, choose_pair, column_candidates, read_candidate_file
 from .posttrain import (
     PAD,
     Export,
@@ -110,6 +111,8 @@ class AlignData:
     tokenizer: str | None = None  # default: the init_from checkpoint's
     date: str = ""  # as in SFT
     dataset_candidates: bool = False  # the dataset's answers (orca's rejected ones, meta.candidates too) join the pool
+    candidates_column: str = ""  # a meta field of each prompt row holding off-policy completions (pairs.py)
+    candidates_file: str = ""  # JSONL of off-policy completions per prompt index (pairs.py)
     rollouts: str = ""  # reuse the rollouts folder of another run (e.g. DPO on QRPO's samples); "": sample here
 
 
@@ -150,6 +153,7 @@ class AlignRecipe:
     sampling: Sampling
     reward: Reward
     loss: Loss
+    pairs: Pairs
     train: PosttrainTrain
     optim: PosttrainOptim
     checkpoint: Checkpoint
@@ -159,8 +163,8 @@ class AlignRecipe:
 def parse_align_recipe(d: dict, world_size: int = 1) -> AlignRecipe:
     model, init_from = parse_model(d.get("model"))
     tables = parse_tables(d, {"data": AlignData, "sampling": Sampling, "reward": Reward, "loss": Loss,
-                              "train": PosttrainTrain, "optim": PosttrainOptim, "checkpoint": Checkpoint,
-                              "export": Export})
+                              "pairs": Pairs, "train": PosttrainTrain, "optim": PosttrainOptim,
+                              "checkpoint": Checkpoint, "export": Export})
     r = AlignRecipe(model=model, init_from=init_from, **tables)
     ensure(bool(init_from), "[model] init_from must name the starting (SFT) checkpoint: it is also π_ref")
     ensure(bool(r.data.prompts), "[data] prompts is empty")
@@ -171,6 +175,10 @@ def parse_align_recipe(d: dict, world_size: int = 1) -> AlignRecipe:
     ensure(lo.name in ("qrpo", "dpo") and lo.beta > 0 and lo.max_beta >= 0, "[loss] name must be 'qrpo' or 'dpo', "
            "beta > 0, max_beta >= 0")
     ensure(r.reward.kind in ("function", "model", "judge"), "[reward] kind must be 'function', 'model' or 'judge'")
+    ensure(r.pairs.rule in RULES and 0 < r.pairs.rejected_quantile < 1, f"[pairs] rule must be one of "
+           f"{', '.join(RULES)} and 0 < rejected_quantile < 1")
+    ensure(not r.data.candidates_file or Path(r.data.candidates_file).is_file(), f"[data] candidates_file "
+           f"{r.data.candidates_file}: no such file")
     check_common(model, r.train, r.optim, world_size)
     return r
 
@@ -191,8 +199,11 @@ def read_records(folder: Path) -> dict[int, dict]:
     return records
 
 
-def load_prompts(tok, sources: list[dict], max_tokens: int, seq_len: int, date: str, with_candidates: bool):
-    """[(record, candidate texts)] with record = {index, messages, meta, prompt_ids} or {index, skipped: reason}."""
+def load_prompts(tok, sources: list[dict], max_tokens: int, seq_len: int, date: str, with_candidates: bool,
+                 column: str = "", file_pool: dict[int, list[dict]] | None = None):
+    """[(record, off-policy candidates)] with record = {index, messages, meta, prompt_ids} or {index, skipped: reason};
+    the candidates ({"text", "finish_reason", "source"}, pairs.py): the dataset's answers when `with_candidates`, the
+    row's meta field `column`, the completions `file_pool` holds for the prompt's index."""
     from ..chat import encode_chat
 
     out = []
@@ -216,8 +227,9 @@ def load_prompts(tok, sources: list[dict], max_tokens: int, seq_len: int, date: 
         else:
             rec["prompt_ids"] = ids
         texts = [answer, conv["meta"].get("rejected"), *(conv["meta"].get("candidates") or [])]
-        texts = [t for t in texts if isinstance(t, str)] if with_candidates else []
-        out.append((rec, texts))
+        pool = [as_candidate(t, "dataset") for t in texts if isinstance(t, str)] if with_candidates else []
+        pool += column_candidates(conv["meta"], column) + (file_pool or {}).get(i, [])
+        out.append((rec, pool))
     return out
 
 
@@ -254,22 +266,6 @@ def pair_batch(pairs: list[tuple[list[int], dict, dict]]) -> dict:
                                                                                        for c in items])}
 
 
-def _choose(rec: dict, pool: list[dict]):
-    """Quantile rewards against the reference samples, then the best and worst completion of the pool."""
-    ref = rec["ref_rewards"]
-    for c in pool:
-        c["quantile"] = sum(r <= c["reward"] for r in ref) / len(ref)
-    usable = [c for c in pool if c["text"].strip()]
-    if not usable:
-        return "empty_completion"
-    best = max(usable, key=lambda c: c["reward"])
-    worst = min(usable, key=lambda c: c["reward"])
-    if best["reward"] <= worst["reward"]:
-        return "no_signal"
-    rec["chosen"], rec["rejected"] = best, worst
-    return None
-
-
 def _drop_partial_line(file: Path):
     """Cut a line a kill left unfinished, so the next record starts on a line of its own."""
     if file.exists():
@@ -293,8 +289,10 @@ def rollouts(recipe: AlignRecipe, tok, folder: Path, d: Dist, date: str) -> dict
 
     s, t = recipe.sampling, recipe.train
     done = read_records(folder)
-    todo = [(rec, texts) for rec, texts in load_prompts(tok, recipe.data.prompts, s.max_tokens, t.seq_len, date,
-                                                        recipe.data.dataset_candidates)
+    data = recipe.data
+    file_pool = read_candidate_file(data.candidates_file) if data.candidates_file else None
+    todo = [(rec, pool) for rec, pool in load_prompts(tok, data.prompts, s.max_tokens, t.seq_len, date,
+                                                      data.dataset_candidates, data.candidates_column, file_pool)
             if rec["index"] % d.world_size == d.rank and rec["index"] not in done]
     if todo:
         from tqdm import tqdm
@@ -331,7 +329,7 @@ def rollouts(recipe: AlignRecipe, tok, folder: Path, d: Dist, date: str) -> dict
 
 def _rollout_chunk(chunk, engine, reward, tok, recipe: AlignRecipe, date, autocast, SamplingParams, STOP_IDS):
     s = recipe.sampling
-    live = [(rec, texts) for rec, texts in chunk if "skipped" not in rec]
+    live = [(rec, pool) for rec, pool in chunk if "skipped" not in rec]
     prompts, params = [], []
     for rec, _ in live:
         for j in range(s.n):
@@ -341,14 +339,14 @@ def _rollout_chunk(chunk, engine, reward, tok, recipe: AlignRecipe, date, autoca
                                          stop_token_ids=list(STOP_IDS), repetition_penalty=1.0))
     results = iter(engine.generate(prompts, params) if prompts else [])
     items, owners = [], []
-    for rec, texts in live:
+    for rec, pool in live:
         rec["samples"] = [{"ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason, "source": "ref"}
                           for r in (next(results) for _ in range(s.n))]
         rec["candidates"] = []
-        for text in texts:
-            ids = candidate_ids(tok, rec, text, date)
+        for c in pool:
+            ids = candidate_ids(tok, rec, c["text"], date)
             if ids and len(rec["prompt_ids"]) + len(ids) <= recipe.train.seq_len:
-                rec["candidates"].append({"ids": ids, "text": text, "finish_reason": "stop", "source": "dataset"})
+                rec["candidates"].append({"ids": ids, **c})
         for c in rec["samples"] + rec["candidates"]:
             items.append({"messages": rec["messages"], "completion": c["text"],
                           "meta": {**rec["meta"], "finish_reason": c["finish_reason"]}})
@@ -358,7 +356,7 @@ def _rollout_chunk(chunk, engine, reward, tok, recipe: AlignRecipe, date, autoca
     pairs = []
     for rec, _ in live:
         rec["ref_rewards"] = [c["reward"] for c in rec["samples"]]
-        why = _choose(rec, rec["samples"] + rec["candidates"])
+        why = choose_pair(rec, rec["samples"] + rec["candidates"], recipe.pairs)
         if why:
             rec["skipped"] = why
         else:
