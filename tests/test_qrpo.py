@@ -11,7 +11,14 @@ import torch
 
 from apertus.train.pairs import Pairs, choose_pair, percentile, read_candidate_file
 from apertus.train.qrpo import beta_log_z, dpo_losses, pair_batch, qrpo_loss, qrpo_losses, sequence_logps
-from apertus.train.rewards import digit_score, function_reward, gsm8k_correct, gsm8k_format, load_function
+from apertus.train.rewards import (
+    digit_score,
+    function_reward,
+    gsm8k_closeness,
+    gsm8k_correct,
+    gsm8k_format,
+    load_function,
+)
 
 
 def by_hand(r_q, logp, ref_logp, length, beta=5.0, max_beta=0.1):
@@ -204,6 +211,17 @@ def test_alignment_prompts_skip_bad_input(tmp_path, tmp_path_factory):
 
 
 # --- rewards ----------------------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_closeness_grades_the_final_number_by_the_same_rule_as_gsm8k_correct():
+    meta = {"answer": "1,200"}
+    cases = [("so 1,200 in all", 1.0), ("#### 1200\n", 1.0), ("12 then 600", 0.5), ("900 or\n#### 1500", 0.75),
+             ("no number", 0.0), ("<SPECIAL_12> 300", 0.25), ("-1200", 0.0)]
+    for text, want in cases:
+        assert gsm8k_closeness([], text, meta) == pytest.approx(want), text
+        assert gsm8k_correct([], text, meta) == float(want == 1.0), text
+    assert gsm8k_closeness([], "7", {}) == 0.0  # no reference answer
+    assert load_function("gsm8k_closeness") is gsm8k_closeness
 
 
 def test_rule_rewards_and_python_functions(tmp_path):
