@@ -21,6 +21,7 @@ from apertus.train import qrpo, sft  # noqa: E402
 
 SYSTEM = "Solve the problem."
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PEAK = "train.peak_flops=1e12"  # MFU's reference given, not measured (a bf16 matmul benchmark is slow on a busy CPU)
 
 
 def main():
@@ -40,7 +41,7 @@ def main():
     src = f'{{format="gsm8k", path="gsm8k/train.jsonl", limit={args.conversations}, system="{SYSTEM}"}}'
     hf = sft.run(RECIPES / "sft_tiny.toml", out / "sft", overrides=[
         f"data.sources=[{src}]", f"train.epochs={args.epochs}", 'model.init_from=""', 'model.preset="tiny"',
-        "model.vocab_size=4096", f"data.tokenizer={out / 'tok'}"])
+        "model.vocab_size=4096", f"data.tokenizer={out / 'tok'}", PEAK])
     prompts = (f'[{{format="gsm8k", path="gsm8k/train.jsonl", skip={args.conversations}, limit={args.prompts}, '
                f'system="{SYSTEM}"}}]')
     evals = f'[{{format="gsm8k", path="gsm8k/test.jsonl", limit={args.eval}, system="{SYSTEM}"}}]'
@@ -52,7 +53,7 @@ def main():
             folder = out / f"qrpo-{rule}-seed{seed}"
             qrpo.run(RECIPES / "align_tiny.toml", folder, overrides=[
                 f"model.init_from={hf}", f"data.prompts={prompts}", f"data.eval_prompts={evals}", "sampling.eval_n=4",
-                f"sampling.seed={seed}", f"train.seed={seed}", *extra])
+                f"sampling.seed={seed}", f"train.seed={seed}", PEAK, *extra])
             summary = json.loads((folder / "eval" / "summary.json").read_text())
             data = json.loads((folder / "align_data.json").read_text())
             runs[f"{rule}/{seed}"] = {"reference": summary["reference"]["mean_reward"],
