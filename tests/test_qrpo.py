@@ -9,8 +9,16 @@ import posttrain_helpers as ph
 import pytest
 import torch
 
-from apertus.train.qrpo import _choose, beta_log_z, dpo_losses, pair_batch, qrpo_loss, qrpo_losses, sequence_logps
-from apertus.train.rewards import digit_score, function_reward, gsm8k_correct, gsm8k_format, load_function
+from apertus.train.pairs import Pairs, choose_pair, percentile, read_candidate_file
+from apertus.train.qrpo import beta_log_z, dpo_losses, pair_batch, qrpo_loss, qrpo_losses, sequence_logps
+from apertus.train.rewards import (
+    digit_score,
+    function_reward,
+    gsm8k_closeness,
+    gsm8k_correct,
+    gsm8k_format,
+    load_function,
+)
 
 
 def by_hand(r_q, logp, ref_logp, length, beta=5.0, max_beta=0.1):
@@ -90,12 +98,97 @@ def test_quantile_rewards_and_pair_choice():
     rec = {"ref_rewards": [0.0, 0.5, 0.5, 1.0]}
     pool = [{"text": "a", "reward": 0.5}, {"text": "b", "reward": 1.0}, {"text": "c", "reward": 0.0},
             {"text": " ", "reward": 2.0}, {"text": "d", "reward": 0.7}]
-    assert _choose(rec, pool) is None
+    assert choose_pair(rec, pool) is None
     assert [c["quantile"] for c in pool] == [0.75, 1.0, 0.25, 1.0, 0.75]  # share of reference rewards <= reward
     assert rec["chosen"]["text"] == "b" and rec["rejected"]["text"] == "c"  # the empty reply is never trained on
-    assert _choose({"ref_rewards": [1.0, 1.0]}, [{"text": "a", "reward": 1.0}, {"text": "b", "reward": 1.0}]) \
+    assert choose_pair({"ref_rewards": [1.0, 1.0]}, [{"text": "a", "reward": 1.0}, {"text": "b", "reward": 1.0}]) \
         == "no_signal"
-    assert _choose({"ref_rewards": [1.0]}, [{"text": "", "reward": 1.0}]) == "empty_completion"
+    assert choose_pair({"ref_rewards": [1.0]}, [{"text": "", "reward": 1.0}]) == "empty_completion"
+
+
+def test_percentile_matches_numpy():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 10, 11):
+        xs = rng.normal(size=n).round(2).tolist()
+        for q in (0.0, 0.2, 0.37, 0.5, 1.0):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, 100 * q)), abs=1e-12)
+
+
+def test_apertus_pairs_chosen_beats_every_reference_sample_rejected_below_the_20th_percentile():
+    ref = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # 20th percentile (linear): 0.28
+    samples = [{"text": f"s{i}", "reward": r, "finish_reason": "stop", "source": "ref"} for i, r in enumerate(ref)]
+    offline = [{"text": "cut", "reward": 3.0, "finish_reason": "length", "source": "file"},  # best, but cut off
+               {"text": "good", "reward": 2.0, "finish_reason": "stop", "source": "file"},
+               {"text": "fine", "reward": 1.5, "finish_reason": "stop", "source": "column"},
+               {"text": "tie", "reward": 1.0, "finish_reason": "stop", "source": "dataset"},  # ties the best sample
+               {"text": "bad", "reward": 0.25, "finish_reason": "stop", "source": "file"}]
+    rule = Pairs(rule="apertus")
+    rec = {"ref_rewards": ref}
+    assert choose_pair(rec, samples + offline, rule) is None
+    assert rec["chosen"]["text"] == "good" and rec["chosen"]["quantile"] == 1.0
+    assert rec["rejected"]["text"] == "s0" and rec["rejected"]["quantile"] == 0.1
+    # only completions strictly below 0.28 can be rejected: without s0 and s1 it is the off-policy "bad"
+    rec = {"ref_rewards": ref}
+    assert choose_pair(rec, samples[2:] + offline, rule) is None and rec["rejected"]["text"] == "bad"
+    # the on-policy rule keeps its choice: the best of the pool even when cut off, the worst
+    rec = {"ref_rewards": ref}
+    assert choose_pair(rec, samples + offline) is None and (rec["chosen"]["text"], rec["rejected"]["text"]) == (
+        "cut", "s0")
+    # nothing above every reference sample (a tie is not a win; a cut-off reply never counts): no pair
+    assert choose_pair({"ref_rewards": ref}, samples + [offline[0], offline[3]], rule) == "no_chosen"
+    # all reference rewards equal: nothing lies below their 20th percentile
+    same = [{"text": "x", "reward": 0.5, "finish_reason": "stop"} for _ in range(4)]
+    assert choose_pair({"ref_rewards": [0.5] * 4}, same + [offline[1]], rule) == "no_rejected"
+    assert choose_pair({"ref_rewards": [0.5] * 4}, same + [offline[1]], Pairs(rule="apertus",
+                                                                               rejected_quantile=0.9)) == "no_rejected"
+    assert choose_pair({"ref_rewards": ref}, samples + [{**offline[1], "text": "  "}], rule) == "no_chosen"
+
+
+def test_candidate_pool_from_a_file_and_a_column(tmp_path, tmp_path_factory):
+    from apertus.train.qrpo import load_prompts
+
+    f = tmp_path / "cands.jsonl"
+    f.write_text(json.dumps({"index": 1, "completions": ["#### 5", {"text": "long", "finish_reason": "length"}]})
+                 + "\n\n" + json.dumps({"index": 1, "completions": ["#### 6"]}) + "\n")
+    pool = read_candidate_file(f)
+    assert [(c["text"], c["finish_reason"]) for c in pool[1]] == [("#### 5", "stop"), ("long", "length"),
+                                                                   ("#### 6", "stop")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"index": 0}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_candidate_file(bad)
+    tok = ph.gsm8k_tokenizer(ph.tokenizer_dir(tmp_path_factory))
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}], "meta": {"gpt": "#### 4"}},
+            {"messages": [{"role": "user", "content": "2+3?"}], "meta": {"gpt": ["#### 5", "five"]}}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = load_prompts(tok, [{"format": "chat", "path": str(path)}], max_tokens=16, seq_len=256, date=ph.DATE,
+                       with_candidates=False, column="gpt", file_pool=pool)
+    assert [[(c["text"], c["source"]) for c in p] for _, p in out] == [
+        [("#### 4", "column")], [("#### 5", "column"), ("five", "column"), ("#### 5", "file"), ("long", "file"),
+                                 ("#### 6", "file")]]
+    table = {"model": {"preset": "tiny"}, "data": {"prompts": [{"format": "chat", "path": str(path)}]}}
+    assert _parse_pairs(table, {"rule": "apertus"}).pairs == Pairs("apertus", 0.2)
+    with pytest.raises(ValueError, match=r"\[pairs\] rule"):
+        _parse_pairs(table, {"rule": "best"})
+    with pytest.raises(ValueError, match="candidates_file"):
+        _parse_pairs({**table, "data": {**table["data"], "candidates_file": str(tmp_path / "missing.jsonl")}}, {})
+
+
+def _parse_pairs(table: dict, pairs: dict):
+    """parse_align_recipe of a table whose [model] is a saved tiny checkpoint (alignment needs init_from)."""
+    import tempfile
+
+    from apertus.checkpoint import save_model
+    from apertus.config import model_config_from
+    from apertus.model import build_model
+    from apertus.train.qrpo import parse_align_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(build_model(model_config_from(dict(ph.SMALL)), seed=0), tmp)
+        return parse_align_recipe({**table, "model": {"init_from": tmp}, "pairs": pairs})
 
 
 def test_alignment_prompts_skip_bad_input(tmp_path, tmp_path_factory):
@@ -112,11 +205,23 @@ def test_alignment_prompts_skip_bad_input(tmp_path, tmp_path_factory):
     out = load_prompts(tok, [{"format": "chat", "path": str(path)}], max_tokens=64, seq_len=256, date=ph.DATE,
                        with_candidates=True)
     assert [rec.get("skipped") for rec, _ in out] == [None, "invalid", "too_long", "invalid", None, "invalid"]
-    assert out[0][1] == ["#### 4"] and out[4][1] == ["Hi!", "Go away."]  # offline candidates join the pool
+    texts = [[c["text"] for c in pool] for _, pool in out]
+    assert texts[0] == ["#### 4"] and texts[4] == ["Hi!", "Go away."]  # offline candidates join the pool
     assert tok.decode(out[0][0]["prompt_ids"][-1:]) == "<|assistant_start|>"
 
 
 # --- rewards ----------------------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_closeness_grades_the_final_number_by_the_same_rule_as_gsm8k_correct():
+    meta = {"answer": "1,200"}
+    cases = [("so 1,200 in all", 1.0), ("#### 1200\n", 1.0), ("12 then 600", 0.5), ("900 or\n#### 1500", 0.75),
+             ("no number", 0.0), ("<SPECIAL_12> 300", 0.25), ("-1200", 0.0)]
+    for text, want in cases:
+        assert gsm8k_closeness([], text, meta) == pytest.approx(want), text
+        assert gsm8k_correct([], text, meta) == float(want == 1.0), text
+    assert gsm8k_closeness([], "7", {}) == 0.0  # no reference answer
+    assert load_function("gsm8k_closeness") is gsm8k_closeness
 
 
 def test_rule_rewards_and_python_functions(tmp_path):
@@ -177,7 +282,7 @@ def test_judge_digit_score():
 
 def instruct_checkpoint(model, tok, out):
     from apertus.checkpoint import save_model
-    from apertus.train.sft import instruct_tokenizer_files
+    from apertus.train.posttrain import instruct_tokenizer_files
 
     save_model(model, out, instruct=True, extra_files=instruct_tokenizer_files(tok))
     return out

@@ -225,17 +225,16 @@ def test_recipes_carry_the_spec_numbers(tmp_path):
     from apertus.checkpoint import save_model
     from apertus.config import model_config_from
     from apertus.model import build_model
+    from apertus.train.posttrain import load_recipe
     from apertus.train.qrpo import parse_align_recipe
-    from apertus.train.sft import load_recipe_file
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     ckpt = tmp_path / "ckpt"
     save_model(build_model(model_config_from(dict(ph.SMALL)), seed=0), ckpt)
     over = [f"model.init_from={ckpt}"]
-    sft = {n: load_recipe_file(root / f"sft_{n}.toml", parse_sft_recipe, 1, over) for n in ("tiny", "apertus-8b",
-                                                                                           "apertus-70b")}
-    align = {n: load_recipe_file(root / f"align_{n}.toml", parse_align_recipe, 1, over) for n in ("tiny", "apertus-8b",
-                                                                                                 "apertus-70b")}
+    names = ("tiny", "apertus-8b", "apertus-70b")
+    sft = {n: load_recipe(root / f"sft_{n}.toml", parse_sft_recipe, over, world_size=1) for n in names}
+    align = {n: load_recipe(root / f"align_{n}.toml", parse_align_recipe, over, world_size=1) for n in names}
     for n, lr, gbs in (("apertus-8b", 5e-6, 512), ("apertus-70b", 2e-6, 1024)):  # SPEC §6.1
         r = sft[n]
         assert (r.optim.lr, r.train.batch_size, r.train.seq_len, r.train.epochs) == (lr, gbs, 4096, 1)
@@ -247,4 +246,5 @@ def test_recipes_carry_the_spec_numbers(tmp_path):
                                                                                          0.1)
         assert (r.loss.name, r.loss.beta, r.loss.max_beta, r.loss.length_normalize) == ("qrpo", 5.0, 0.1, True)
         assert (r.sampling.n, r.sampling.temperature, r.reward.kind) == (10, 1.0, "model")
+        assert (r.pairs.rule, r.pairs.rejected_quantile, r.data.dataset_candidates) == ("apertus", 0.2, True)
     assert align["tiny"].reward.functions == {"gsm8k_correct": 1.0, "gsm8k_format": 1.0}

@@ -174,22 +174,9 @@ def _add_data_commands(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    if args.nproc > 1 and not args.dry_run:  # one process per device under torchrun (gloo on CPU, NCCL on GPUs)
-        import subprocess
+    from .train.pretrain import command
 
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                "-m", "apertus.train", args.recipe] + _train_argv(args)
-        return subprocess.call(argv)
-    from .train.pretrain import main
-
-    return main([args.recipe] + _train_argv(args) + (["--gpus", str(args.gpus or args.nproc)] if args.dry_run else []))
-
-
-def _train_argv(args) -> list[str]:
-    argv = ["--out", args.out] if args.out else []
-    for item in args.set:
-        argv += ["--set", item]
-    return argv + (["--dry-run", "--gpu-memory", str(args.gpu_memory)] if args.dry_run else [])
+    return command(args)
 
 
 def cmd_export(args) -> int:
@@ -213,16 +200,10 @@ def cmd_export(args) -> int:
 
 
 def _add_train_commands(sub) -> None:
+    from .train.pretrain import add_arguments
+
     s = sub.add_parser("train", help="pretrain from a TOML recipe (resumes from the newest checkpoint in --out)")
-    s.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny.toml")
-    s.add_argument("--nproc", type=int, default=1, help="processes (devices) on this machine, via torchrun")
-    s.add_argument("--out", help="run directory (default runs/<recipe name>)")
-    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
-    s.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan (steps, tokens, "
-                   "FLOPs, memory per GPU); train nothing")
-    s.add_argument("--gpus", type=int, help="GPU count the plan is made for (default --nproc)")
-    s.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan checks against")
+    add_arguments(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face Apertus checkpoint or GGUF")
@@ -372,42 +353,28 @@ def _add_serve_commands(sub) -> None:
 # === post-training: sft, align (issue 8) =============================================================================
 
 
-def _posttrain(args, kind: str) -> int:
-    """SFT or alignment from a recipe; several processes (devices) run under torchrun (gloo on CPU, NCCL on GPUs)."""
-    argv = [args.recipe] + (["--out", args.out] if args.out else [])
-    for item in args.set:
-        argv += ["--set", item]
-    if args.nproc > 1:
-        import subprocess
-
-        module = "apertus.train.sft" if kind == "sft" else "apertus.train.qrpo"
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={args.nproc}", "-m", module] + argv)
-    from .train.sft import main
-
-    return main(argv, kind=kind)
-
-
 def cmd_sft(args) -> int:
-    return _posttrain(args, "sft")
+    from .train.sft import command
+
+    return command(args)
 
 
 def cmd_align(args) -> int:
-    return _posttrain(args, "align")
+    from .train.qrpo import command
+
+    return command(args)
 
 
 def _add_posttrain_commands(sub) -> None:
+    from .train.posttrain import add_arguments
+
     for name, func, text, example in (
             ("sft", cmd_sft, "supervised fine-tuning on chat data (Apertus chat format, loss on assistant tokens)",
              "recipes/sft_tiny.toml"),
             ("align", cmd_align, "preference alignment: QRPO (or length-normalised DPO) on rewarded reference samples",
              "recipes/align_tiny.toml")):
         s = sub.add_parser(name, help=text + "; resumes from --out")
-        s.add_argument("recipe", help=f"TOML recipe, e.g. {example}")
-        s.add_argument("--out", help="run directory (default runs/<recipe name>); an existing run resumes")
-        s.add_argument("--nproc", type=int, default=1, help="processes (devices) on this machine, via torchrun")
-        s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe value, e.g. --set train.epochs=2 (repeatable)")
+        add_arguments(s, example)
         s.set_defaults(func=func)
 
 
@@ -689,7 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.entry = ("apertus.cli", argv)  # what a command relaunches under torchrun (--nproc)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from itertools import zip_longest
 from pathlib import Path
 
-from .config import data_root
+from .tokenizer_eval import FERTILITY_LANGS
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "align", "eval", "export", "cards", "chat")
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -47,12 +46,10 @@ CHATS = [
       "hours?"}],
     [{"role": "user", "content": "Was ist die Hauptstadt der Schweiz?"}],
 ]
-FERTILITY_LANGS = ("eng_Latn", "deu_Latn", "fra_Latn", "ita_Latn", "spa_Latn", "rus_Cyrl", "arb_Arab",
-                   "hin_Deva", "zho_Hans", "jpn_Jpan", "swh_Latn", "yor_Latn", "tam_Taml")
 
 # QRPO's rule-based reward: the recipe's (correct final answer, GSM8K format ending the turn) plus a graded shaping
 # term, so that the tiny model's samples of a question differ in reward more often (ties give no training pair).
-REWARD = 'reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, "apertus.speedrun:answer_closeness" = 0.2}'
+REWARD = "reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, gsm8k_closeness = 0.2}"
 _GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
 # Sizes of the two modes. The full run is ~10 minutes on 2 idle cores; smoke runs every stage in ~2 minutes.
 FULL = {
@@ -85,21 +82,6 @@ SMOKE = {
 }
 
 
-def answer_closeness(messages, completion: str, meta: dict) -> float:
-    """Rule-based shaping reward in [0, 1]: how close the reply's final number (the `#### N` line, else its last
-    number) is to the reference answer, 1 - |got - ref| / max(|ref|, 1), 0 without a number. A tiny model is rarely
-    exactly right, so without a graded term most questions' samples tie and give QRPO no training pair."""
-    from .train.chat_data import gsm8k_answer
-
-    text = re.sub(r"<[^<>\s]*>", "", completion)  # not the digits of <SPECIAL_12> markup
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
-    try:
-        got, ref = float(gsm8k_answer(text) or numbers[-1]), float(meta["answer"].replace(",", ""))
-    except (IndexError, KeyError, ValueError, AttributeError):
-        return 0.0
-    return max(0.0, 1.0 - abs(got - ref) / max(abs(ref), 1.0))
-
-
 # --- bookkeeping ------------------------------------------------------------------------------------------------------
 
 
@@ -111,27 +93,6 @@ def _write_json(path: Path, obj) -> None:
 
 def _read_json(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
-
-
-def _cli(argv: list[str]) -> None:
-    """Run one `apertus ...` command in this process, as a user would type it."""
-    from . import cli
-
-    print("$ apertus " + " ".join(argv), flush=True)
-    code = cli.main(argv)
-    if code != 0:
-        raise RuntimeError(f"`apertus {' '.join(argv)}` failed (exit {code})")
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [x for item in items for x in ("--set", item)]
-
-
-def _finished(hf: Path) -> None:
-    """The trainers export their final checkpoint only after the last step; a stop on SIGTERM (they save a
-    checkpoint and return) leaves none, and the stage must not be marked done."""
-    if not (hf / "config.json").is_file():
-        raise RuntimeError(f"{hf} was not written: training stopped before its last step; rerun to resume")
 
 
 def _last_metrics(run: Path) -> dict:
@@ -147,7 +108,7 @@ def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
     """The BPE of the run: trained on the UDHR + FLORES dev text the data recipe reads (the FLORES test sentences
     stay held out for fertility and bits per byte), or the released Apertus tokenizer."""
     from .tokenizer import Tokenizer, apertus_tokenizer_path, train_tokenizer
-    from .tokenizer_eval import evaluate, read_udhr
+    from .tokenizer_eval import evaluate, read_flores, read_udhr
 
     apertus = Tokenizer.from_file(apertus_tokenizer_path())
     if tokenizer == "apertus":
@@ -157,7 +118,7 @@ def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
     else:
         texts, trained_bytes, budget = [], 0, sizes["tokenizer_mb"] * 1e6
         # round-robin over languages so a byte budget still covers every language
-        corpora = [list(read_udhr().values()), list(_flores("dev").values())]
+        corpora = [list(read_udhr().values()), list(read_flores(splits=("dev",)).values())]
         for text in (t for pair in zip_longest(*corpora) for t in pair if t):
             if trained_bytes >= budget:
                 break
@@ -169,7 +130,7 @@ def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
         print(f"trained a {tok.vocab_size:,}-token BPE on {trained_bytes / 1e6:.1f} MB ({len(texts)} texts) in "
               f"{time.time() - t:.1f}s")
     langs = sizes.get("fertility_langs")  # smoke: a few languages; full: all 205
-    held_out = {k: v for k, v in _flores("test").items() if langs is None or k in langs}
+    held_out = {k: v for k, v in read_flores(splits=("test",)).items() if langs is None or k in langs}
     res = evaluate({"speedrun" if tokenizer != "apertus" else "apertus": tok} |
                    ({"apertus": apertus} if tokenizer != "apertus" else {}), held_out, out / "fertility")
     for name, r in res.items():
@@ -177,15 +138,6 @@ def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
         print(f"fertility of {name} on held-out FLORES ({s['languages']} languages): median "
               f"{s['median_tokens_per_word']:.2f} tokens/word, mean {s['mean_tokens_per_byte']:.3f} tokens/byte")
     return {"tokens": 0, "bytes": trained_bytes, "vocab_size": tok.vocab_size}
-
-
-def _flores(split: str) -> dict[str, str]:
-    root = data_root() / "sib200" / "annotated"
-    texts = {}
-    for lang in sorted(p for p in root.iterdir() if p.is_dir()):
-        rows = (lang / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
-        texts[lang.name] = "\n".join(r.split("\t", 2)[2] for r in rows if r.count("\t") >= 2)
-    return texts
 
 
 def stage_data(out: Path, sizes: dict, run: Path) -> dict:
@@ -208,31 +160,33 @@ def stage_data(out: Path, sizes: dict, run: Path) -> dict:
 
 
 def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
+    from .compliance.manifest import record
     from .tokenizer import Tokenizer
+    from .train import pretrain
     from .train.checkpointing import export_checkpoint
 
     vocab = Tokenizer.from_file(run / "tokenizer").vocab_size
-    _cli(["train", str(RECIPES / "speedrun.toml"), "--out", str(out), "--set", f"data.dataset={run}/data/dataset",
-          "--set", f"model.vocab_size={vocab}"] + _sets(sizes["pretrain"]))
+    pretrain.run(RECIPES / "speedrun.toml", out, overrides=[f"data.dataset={run}/data/dataset",
+                                                            f"model.vocab_size={vocab}", *sizes["pretrain"]])
     recipe = json.loads((out / "recipe.json").read_text())
     if _last_metrics(out).get("step") != sum(st["steps"] for st in recipe["stages"]):
         raise RuntimeError(f"{out}: pretraining stopped before its last step; rerun to resume")
-    _cli(["manifest", str(out), "--kind", "pretrain"])
+    record(out, "pretrain")
     export_checkpoint(out, out / "hf", dtype="fp32")
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 
 def stage_sft(out: Path, sizes: dict, run: Path) -> dict:
-    _cli(["sft", str(RECIPES / "sft_tiny.toml"), "--out", str(out), "--set", f"model.init_from={run}/pretrain/hf"]
-         + _sets(sizes["sft"]))
-    _finished(out / "hf")
+    from .train import sft
+
+    sft.run(RECIPES / "sft_tiny.toml", out, overrides=[f"model.init_from={run}/pretrain/hf", *sizes["sft"]])
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 
 def stage_align(out: Path, sizes: dict, run: Path) -> dict:
-    _cli(["align", str(RECIPES / "align_tiny.toml"), "--out", str(out), "--set", f"model.init_from={run}/sft/hf"]
-         + _sets(sizes["align"]))
-    _finished(out / "hf")
+    from .train import qrpo
+
+    qrpo.run(RECIPES / "align_tiny.toml", out, overrides=[f"model.init_from={run}/sft/hf", *sizes["align"]])
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 

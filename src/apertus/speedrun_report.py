@@ -61,7 +61,7 @@ def _stage_table(state: dict) -> list[str]:
 
 
 def _fertility(run: Path) -> list[str]:
-    from .speedrun import FERTILITY_LANGS
+    from .tokenizer_eval import FERTILITY_LANGS
 
     res = _read(run / "tokenizer" / "fertility" / "fertility.json")
     if not res:

@@ -48,16 +48,22 @@ def read_udhr(root=None, limit: int | None = None) -> dict[str, str]:
     return {label: texts[label] for label in sorted(picked)}
 
 
-def read_flores(root=None) -> dict[str, str]:
-    """FLORES-200 dev+test sentences (from SIB-200) per language, e.g. {"eng_Latn": text}; parallel across languages."""
+# Languages whose fertility the speedrun report tabulates (scripts and resource levels across the range)
+FERTILITY_LANGS = ("eng_Latn", "deu_Latn", "fra_Latn", "ita_Latn", "spa_Latn", "rus_Cyrl", "arb_Arab",
+                   "hin_Deva", "zho_Hans", "jpn_Jpan", "swh_Latn", "yor_Latn", "tam_Taml")
+
+
+def read_flores(root=None, splits: tuple[str, ...] = ("dev", "test")) -> dict[str, str]:
+    """FLORES-200 sentences of `splits` (from SIB-200) per language, e.g. {"eng_Latn": text}; parallel across
+    languages."""
     root = Path(root) if root else data_root() / "sib200" / "annotated"
     if not root.is_dir():
         raise FileNotFoundError(f"FLORES/SIB-200 corpus not found at {root}")
     texts = {}
     for lang in sorted(p for p in root.iterdir() if p.is_dir()):
         lines = []
-        for split in ("dev.tsv", "test.tsv"):
-            rows = (lang / split).read_text(encoding="utf-8").splitlines()[1:]
+        for split in splits:
+            rows = (lang / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
             lines += [r.split("\t", 2)[2] for r in rows if r.count("\t") >= 2]
         texts[lang.name] = "\n".join(lines)
     return texts

@@ -128,7 +128,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _expand(run_dir: Path, paths) -> list[Path]:
+def expand_artifacts(run_dir: Path, paths) -> list[Path]:
     files = []
     for p in paths:
         p = run_dir / p
@@ -187,7 +187,7 @@ def write_run_manifest(run_dir: str | Path, kind: str, config: dict, seeds: dict
         "datasets": [dataset_ref(d) for d in datasets],
         "parents": [{"path": str(Path(p).resolve()), "run_sha256": sha256_file(Path(p) / RUN_FILE)}
                     for p in parents if (Path(p) / RUN_FILE).exists()],
-        "artifacts": hash_files(run_dir, _expand(run_dir, artifacts)),
+        "artifacts": hash_files(run_dir, expand_artifacts(run_dir, artifacts)),
         "tokens": tokens, "flops": flops, "wall_time_s": wall_time,
         "energy": energy_estimate(wall_time, devices, device_power_w, hw),
         "metrics": metrics or {}, "history": [],
@@ -217,7 +217,7 @@ def refresh_artifacts(run_dir: str | Path, event: dict) -> dict | None:
     m = read_run(run_dir)
     dirs = {p.split("/", 1)[0] for p in m["artifacts"] if "/" in p}
     files = [p for p in m["artifacts"] if "/" not in p and (run_dir / p).exists()]
-    m["artifacts"] = hash_files(run_dir, _expand(run_dir, sorted(dirs) + files))
+    m["artifacts"] = hash_files(run_dir, expand_artifacts(run_dir, sorted(dirs) + files))
     m["history"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event})
     write_json_atomic(run_dir / RUN_FILE, m)
     return m

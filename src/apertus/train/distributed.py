@@ -67,6 +67,29 @@ def run_job(fn, *args) -> int:
     return 0
 
 
+def launch(module: str, argv: list[str], nproc: int) -> int:
+    """Run `python -m module *argv` again as `nproc` processes under torchrun (gloo on CPU, NCCL on GPUs), the one
+    launcher of the training commands: the children parse the same arguments and, seeing WORLD_SIZE, train. The
+    command's own --nproc is left out (torchrun's parser would take it for an abbreviation of --nproc-per-node)."""
+    import subprocess
+    import sys
+
+    rest, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc="):
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        else:
+            rest.append(a)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", module, *rest])
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -1,4 +1,4 @@
-"""The one training loop: pretraining uses it here, SFT and QRPO bring their own batches and loss (issue 8).
+"""The one training loop: pretraining uses it here, SFT and QRPO bring their own batches and loss.
 
 What a stage supplies:
 - `source`: `next_step()` → the micro-batches (dicts of tensors) this rank processes for the next optimizer step,
@@ -133,7 +133,8 @@ def plot_metrics(jsonl: str | Path, png: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def _to(batch: dict, device) -> dict:
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on `device` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -171,21 +172,7 @@ def train(model, optimizer, source, loss_fn, cfg: LoopConfig, d: Dist,
         lr = cfg.lr(step, tokens)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # loss sum, counted items, tokens, FLOPs, stop request: summed over micro-batches and ranks
-        stats = torch.zeros(5, dtype=torch.float64, device=d.device)
-        for batch in source.next_step():
-            batch = _to(batch, d.device)
-            with autocast:
-                loss_sum, count = loss_fn(model, batch)
-            loss_sum.backward()
-            n_tok = batch["input_ids"].numel()
-            stats[0] += loss_sum.detach()
-            stats[1] += count
-            stats[2] += n_tok
-            if cfg.flops_per_token:
-                stats[3] += cfg.flops_per_token(batch["input_ids"].shape[-1]) * n_tok
-        stats[4] = stop["flag"]
-        stats = all_reduce_sum(stats).tolist()
+        stats = _accumulate(model, source, loss_fn, cfg, d, autocast, stop)
         count = max(stats[1], 1.0)
         grads = [p.grad for p in params if p.grad is not None]
         torch._foreach_mul_(grads, d.world_size / count)  # FSDP averaged over ranks; make it Σ / count
@@ -209,10 +196,7 @@ def train(model, optimizer, source, loss_fn, cfg: LoopConfig, d: Dist,
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
         if d.main and (step % cfg.log_every == 0 or step == cfg.steps):
             eta = (time.perf_counter() - t_start) / (step - start_step) * (cfg.steps - step)
-            val = "".join(f" | {k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
-            tqdm.write(f"{cfg.name} step {step}/{cfg.steps} | loss {loss:.4f} | lr {lr:.3e} | grad {grad_norm:.3f} | "
-                       f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | "
-                       f"ETA {_hms(eta)}{val}")
+            tqdm.write(_log_line(cfg, record, eta))
         if step == cfg.steps or stats[4] > 0 or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
             checkpoint()
         if stats[4] > 0:
@@ -227,6 +211,31 @@ def train(model, optimizer, source, loss_fn, cfg: LoopConfig, d: Dist,
         plot_metrics(metrics.file, out / "loss.png", cfg.name)
     barrier()
     return {**record, "step": step, "tokens": tokens}
+
+
+def _accumulate(model, source, loss_fn, cfg: LoopConfig, d: Dist, autocast, stop: dict) -> list[float]:
+    """Forward and backward over this rank's micro-batches of the step; returns [loss sum, counted items, tokens,
+    FLOPs, stop request], each summed over micro-batches and ranks."""
+    stats = torch.zeros(5, dtype=torch.float64, device=d.device)
+    for batch in source.next_step():
+        batch = to_device(batch, d.device)
+        with autocast:
+            loss_sum, count = loss_fn(model, batch)
+        loss_sum.backward()
+        n_tok = batch["input_ids"].numel()
+        stats[0] += loss_sum.detach()
+        stats[1] += count
+        stats[2] += n_tok
+        if cfg.flops_per_token:
+            stats[3] += cfg.flops_per_token(batch["input_ids"].shape[-1]) * n_tok
+    stats[4] = stop["flag"]  # read after the micro-batches: a SIGTERM during them stops this step
+    return all_reduce_sum(stats).tolist()
+
+
+def _log_line(cfg: LoopConfig, r: dict, eta: float) -> str:
+    val = "".join(f" | {k[4:]} {v:.4f}" for k, v in r.items() if k.startswith("val/"))
+    return (f"{cfg.name} step {r['step']}/{cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad "
+            f"{r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | ETA {_hms(eta)}{val}")
 
 
 def _validate(model, validate, autocast) -> dict:

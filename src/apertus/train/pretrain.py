@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -17,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .distributed import Dist, all_reduce_sum, init_distributed, parallelize, run_job
-from .loop import LoopConfig, _to, train
+from .distributed import Dist, all_reduce_sum, init_distributed, launch, parallelize, run_job, under_torchrun
+from .loop import to_device, train
 from .loss import lm_loss, token_byte_lengths, token_cross_entropy
-from .optim import build_optimizer
-from .recipe import Recipe, Stage, load_recipe, plan
+from .recipe import Recipe, Stage, load_recipe, loop_config, make_optimizer, plan
 
 
 class PretrainSource:
@@ -142,7 +142,7 @@ def make_validate(val: dict[str, list[dict]], token_bytes: torch.Tensor | None, 
         for lang, batches in val.items():
             s = torch.zeros(4, dtype=torch.float64, device=d.device)  # nats, tokens, text nats, bytes
             for b in batches:
-                b = _to(b, d.device)
+                b = to_device(b, d.device)
                 pos = b["position_ids"]
                 hidden = model.hidden_states(b["input_ids"], position_ids=pos, attn_mask=document_mask(pos))
                 ce = token_cross_entropy(hidden, model.lm_head.weight, b["labels"])
@@ -197,6 +197,14 @@ def build_model_for(config, d: Dist, *, init_from: str | None = None, seed: int 
     return model
 
 
+def training_model(recipe, d: Dist):
+    """The model a recipe trains ([model], [train] seed and parallelism settings), on the ranks of `d`."""
+    t = recipe.train
+    return build_model_for(recipe.model, d, init_from=recipe.init_from, seed=t.seed,
+                           activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                           param_dtype=torch.bfloat16 if t.fsdp_param_dtype == "bf16" else None)
+
+
 def _dataset_tokenizer(recipe: Recipe) -> str | None:
     """The tokenizer a built dataset was made with (its manifest), checked against the model's vocabulary."""
     if not recipe.data.dataset:
@@ -228,7 +236,7 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
     """Train (or resume) a recipe into out_dir. Tests and demos can pass their own loader factory and val batches."""
     d = d or init_distributed()
     out = Path(out_dir)
-    t, o = recipe.train, recipe.optim
+    t = recipe.train
     torch.manual_seed(t.seed)
     make_loader = make_loader or packed_loader(recipe, d)
     tokenizer = _dataset_tokenizer(recipe)  # also checks the model's vocabulary covers the dataset's ids
@@ -240,11 +248,8 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
     if token_bytes is None and tokenizer:
         token_bytes = token_byte_lengths(tokenizer, recipe.model.vocab_size)
     _save_run_files(recipe, out, d, tokenizer)
-    model = build_model_for(recipe.model, d, init_from=recipe.init_from, seed=t.seed,
-                            activation_checkpointing=t.activation_checkpointing, compile=t.compile,
-                            param_dtype=torch.bfloat16 if t.fsdp_param_dtype == "bf16" else None)
-    optimizer = build_optimizer(model, o.name, lr=o.lr, betas=o.betas, alpha=o.alpha, t_alpha=o.t_alpha or None,
-                                t_beta3=o.t_beta3 or None, eps=o.eps, weight_decay=o.weight_decay)
+    model = training_model(recipe, d)
+    optimizer = make_optimizer(model, recipe.optim, recipe.steps)
     source = PretrainSource(recipe, model, d, make_loader)
     goldfish = (t.goldfish_k, t.goldfish_h) if t.goldfish_k else None
 
@@ -252,13 +257,10 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
         return lm_loss(model, batch, goldfish=goldfish, document_masking=source.stage.document_masking)
 
     validate = make_validate(val_batches, token_bytes, d) if val_batches else None
-    cfg = LoopConfig(out_dir=out, steps=recipe.steps, lr=recipe.lr_at, grad_clip=t.grad_clip, dtype=t.dtype,
-                     flops_per_token=model.config.flops_per_token, peak_flops=t.peak_flops or None,
-                     log_every=t.log_every, val_every=recipe.eval.every, ckpt_every=recipe.checkpoint.every,
-                     keep_last=recipe.checkpoint.keep_last, permanent_every=recipe.checkpoint.permanent_every,
-                     name="pretrain")
+    cfg = loop_config("pretrain", out, recipe.steps, recipe.lr_at, t, recipe.checkpoint, model.config.flops_per_token,
+                      recipe.eval.every)
     result = train(model, optimizer, source, loss_fn, cfg, d, validate)
-    if d.main:  # run.json (issue 10): resolved recipe, seeds, code, hashes of the checkpoints, tokens, FLOPs, energy
+    if d.main:  # run.json: resolved recipe, seeds, code, hashes of the checkpoints, tokens, FLOPs, energy
         from ..compliance.manifest import record_training_run
 
         # wall time from the metrics' timestamps (None): it spans every resumed part of the run, not just this one
@@ -266,25 +268,61 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m apertus.train", description="Pretrain from a TOML recipe "
-                                "(run under torchrun for several processes).")
-    p.add_argument("recipe")
-    p.add_argument("--out", help="run directory (default runs/<recipe name>)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe value")
-    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; train nothing")
-    p.add_argument("--gpus", type=int, default=None, help="devices the plan is made for (default: the ranks here)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device, for the plan")
-    args = p.parse_args(argv)
-    import os
+def run(recipe: str | Path | dict, out_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The Python entry point (the speedrun, notebooks): pretrain a recipe file or dict with `--set`-style overrides
+    into out_dir (an existing one resumes); returns the last step's metrics."""
+    from .distributed import shutdown
+    from .recipe import apply_override, parse_recipe
 
+    if isinstance(recipe, dict):
+        d = json.loads(json.dumps(recipe))  # a deep copy: the overrides must not change the caller's dict
+        for item in overrides:
+            apply_override(d, item)
+        parsed = parse_recipe(d, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    else:
+        parsed = load_recipe(recipe, world_size=int(os.environ.get("WORLD_SIZE", "1")), overrides=overrides)
+    try:
+        return pretrain(parsed, out_dir)
+    finally:
+        shutdown()
+
+
+def add_arguments(p) -> None:
+    """The arguments of `apertus train` (and of `python -m apertus.train`, what torchrun starts)."""
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/tiny.toml")
+    p.add_argument("--nproc", type=int, default=1, help="processes (devices) on this machine, via torchrun")
+    p.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan (steps, tokens, "
+                   "FLOPs, memory per GPU); train nothing")
+    p.add_argument("--gpus", type=int, help="GPU count the plan is made for (default: --nproc, or the ranks here)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan checks against")
+
+
+def command(args) -> int:
+    """Run the parsed command: the plan, training in this process, or (--nproc N) the same command line again as N
+    processes under torchrun (`args.entry` = the module and argv that parsed these arguments)."""
+    if args.nproc > 1 and not args.dry_run and not under_torchrun():
+        return launch(*args.entry, args.nproc)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    recipe = load_recipe(args.recipe, world_size=args.gpus or world, overrides=args.set)
+    gpus = args.gpus or max(args.nproc, world)
+    recipe = load_recipe(args.recipe, world_size=gpus if args.dry_run else world, overrides=args.set)
     if args.dry_run:
-        print(plan(recipe, gpus=args.gpus or world, gpu_memory_gb=args.gpu_memory))
+        print(plan(recipe, gpus=gpus, gpu_memory_gb=args.gpu_memory))
         return 0
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     return run_job(pretrain, recipe, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apertus.train", description="Pretrain from a TOML recipe "
+                                "(run under torchrun for several processes).")
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.entry = ("apertus.train", argv)
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@
 The pipeline, each stage's output kept in the run folder so a run can be inspected and resumed:
 1. rollouts/ (one JSONL line per prompt, written chunk by chunk; a rerun continues after the last complete chunk):
    n reference completions per prompt sampled from the starting (SFT) model π_ref with the engine, batched, one
-   seed per sample; their rewards (rewards.py) and those of the dataset's own answers when asked; the training pair:
-   the best and the worst completion of the pool (a prompt whose completions all score the same teaches nothing and
-   is skipped); each one's quantile reward R_q = share of the reference rewards <= its reward, and its reference
-   log-probability, computed once here.
+   seed per sample; their rewards (rewards.py) and those of the off-policy candidates the recipe names; the training
+   pair by the [pairs] rule (pairs.py: the best and worst of the pool, or as Apertus built them: a chosen that beats
+   every on-policy sample, a rejected below their 20th percentile); each one's quantile reward R_q = share of the
+   reference rewards <= its reward, and its reference log-probability, computed once here.
 2. checkpoints/, metrics.jsonl: the loop trains on the pairs with the QRPO regression loss (both completions are
    pointwise targets) or DPO (the pair), LR warmup then linear decay, AdEMAMix.
 3. hf/: the instruct checkpoint; eval/: mean reward on held-out prompts, π_ref against the trained policy, with
@@ -30,29 +30,30 @@ import torch.nn.functional as F
 from ..config import ApertusConfig
 from .chat_data import prompt_of, read_sources
 from .distributed import Dist, barrier, init_distributed
-from .loop import LoopConfig, train
+from .loop import train
 from .loss import linear_cross_entropy
-from .recipe import Checkpoint, _check
-from .sft import (
+from .pairs import RULES, Pairs, as_candidate, choose_pair, column_candidates, read_candidate_file
+from .posttrain import (
     PAD,
     Export,
-    Optim,
+    PosttrainOptim,
+    PosttrainTrain,
     RowSource,
-    Train,
     check_common,
     export_instruct,
     load_tokenizer,
     log,
-    make_optimizer,
-    parse_model,
-    parse_tables,
     record_run,
     run_date,
     schedule,
     total_steps,
-    training_model,
     write_run_files,
 )
+from .posttrain import command as posttrain_command
+from .posttrain import main as posttrain_main
+from .posttrain import run as posttrain_run
+from .pretrain import training_model
+from .recipe import Checkpoint, ensure, loop_config, make_optimizer, parse_model, parse_tables
 
 # --- the losses -------------------------------------------------------------------------------------------------------
 
@@ -104,12 +105,14 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
 
 
 @dataclass
-class Data:
+class AlignData:
     prompts: list = field(default_factory=list)  # chat_data sources; a final assistant turn is dropped from prompts
     eval_prompts: list = field(default_factory=list)  # held-out prompts: mean reward before and after
     tokenizer: str | None = None  # default: the init_from checkpoint's
     date: str = ""  # as in SFT
     dataset_candidates: bool = False  # the dataset's answers (orca's rejected ones, meta.candidates too) join the pool
+    candidates_column: str = ""  # a meta field of each prompt row holding off-policy completions (pairs.py)
+    candidates_file: str = ""  # JSONL of off-policy completions per prompt index (pairs.py)
     rollouts: str = ""  # reuse the rollouts folder of another run (e.g. DPO on QRPO's samples); "": sample here
 
 
@@ -146,30 +149,36 @@ class Loss:
 class AlignRecipe:
     model: ApertusConfig
     init_from: str | None
-    data: Data
+    data: AlignData
     sampling: Sampling
     reward: Reward
     loss: Loss
-    train: Train
-    optim: Optim
+    pairs: Pairs
+    train: PosttrainTrain
+    optim: PosttrainOptim
     checkpoint: Checkpoint
     export: Export
 
 
 def parse_align_recipe(d: dict, world_size: int = 1) -> AlignRecipe:
     model, init_from = parse_model(d.get("model"))
-    tables = parse_tables(d, {"data": Data, "sampling": Sampling, "reward": Reward, "loss": Loss, "train": Train,
-                              "optim": Optim, "checkpoint": Checkpoint, "export": Export})
+    tables = parse_tables(d, {"data": AlignData, "sampling": Sampling, "reward": Reward, "loss": Loss,
+                              "pairs": Pairs, "train": PosttrainTrain, "optim": PosttrainOptim,
+                              "checkpoint": Checkpoint, "export": Export})
     r = AlignRecipe(model=model, init_from=init_from, **tables)
-    _check(bool(init_from), "[model] init_from must name the starting (SFT) checkpoint: it is also π_ref")
-    _check(bool(r.data.prompts), "[data] prompts is empty")
+    ensure(bool(init_from), "[model] init_from must name the starting (SFT) checkpoint: it is also π_ref")
+    ensure(bool(r.data.prompts), "[data] prompts is empty")
     s, lo = r.sampling, r.loss
-    _check(s.n >= 2 and s.max_tokens >= 1 and s.chunk >= 1 and s.eval_n >= 1, "[sampling] need n >= 2, "
+    ensure(s.n >= 2 and s.max_tokens >= 1 and s.chunk >= 1 and s.eval_n >= 1, "[sampling] need n >= 2, "
            "max_tokens >= 1, chunk >= 1, eval_n >= 1")
-    _check(s.temperature >= 0 and 0 < s.top_p <= 1, "[sampling] need temperature >= 0 and 0 < top_p <= 1")
-    _check(lo.name in ("qrpo", "dpo") and lo.beta > 0 and lo.max_beta >= 0, "[loss] name must be 'qrpo' or 'dpo', "
+    ensure(s.temperature >= 0 and 0 < s.top_p <= 1, "[sampling] need temperature >= 0 and 0 < top_p <= 1")
+    ensure(lo.name in ("qrpo", "dpo") and lo.beta > 0 and lo.max_beta >= 0, "[loss] name must be 'qrpo' or 'dpo', "
            "beta > 0, max_beta >= 0")
-    _check(r.reward.kind in ("function", "model", "judge"), "[reward] kind must be 'function', 'model' or 'judge'")
+    ensure(r.reward.kind in ("function", "model", "judge"), "[reward] kind must be 'function', 'model' or 'judge'")
+    ensure(r.pairs.rule in RULES and 0 < r.pairs.rejected_quantile < 1, f"[pairs] rule must be one of "
+           f"{', '.join(RULES)} and 0 < rejected_quantile < 1")
+    ensure(not r.data.candidates_file or Path(r.data.candidates_file).is_file(), f"[data] candidates_file "
+           f"{r.data.candidates_file}: no such file")
     check_common(model, r.train, r.optim, world_size)
     return r
 
@@ -190,8 +199,11 @@ def read_records(folder: Path) -> dict[int, dict]:
     return records
 
 
-def load_prompts(tok, sources: list[dict], max_tokens: int, seq_len: int, date: str, with_candidates: bool):
-    """[(record, candidate texts)] with record = {index, messages, meta, prompt_ids} or {index, skipped: reason}."""
+def load_prompts(tok, sources: list[dict], max_tokens: int, seq_len: int, date: str, with_candidates: bool,
+                 column: str = "", file_pool: dict[int, list[dict]] | None = None):
+    """[(record, off-policy candidates)] with record = {index, messages, meta, prompt_ids} or {index, skipped: reason};
+    the candidates ({"text", "finish_reason", "source"}, pairs.py): the dataset's answers when `with_candidates`, the
+    row's meta field `column`, the completions `file_pool` holds for the prompt's index."""
     from ..chat import encode_chat
 
     out = []
@@ -215,8 +227,9 @@ def load_prompts(tok, sources: list[dict], max_tokens: int, seq_len: int, date: 
         else:
             rec["prompt_ids"] = ids
         texts = [answer, conv["meta"].get("rejected"), *(conv["meta"].get("candidates") or [])]
-        texts = [t for t in texts if isinstance(t, str)] if with_candidates else []
-        out.append((rec, texts))
+        pool = [as_candidate(t, "dataset") for t in texts if isinstance(t, str)] if with_candidates else []
+        pool += column_candidates(conv["meta"], column) + (file_pool or {}).get(i, [])
+        out.append((rec, pool))
     return out
 
 
@@ -253,22 +266,6 @@ def pair_batch(pairs: list[tuple[list[int], dict, dict]]) -> dict:
                                                                                        for c in items])}
 
 
-def _choose(rec: dict, pool: list[dict]):
-    """Quantile rewards against the reference samples, then the best and worst completion of the pool."""
-    ref = rec["ref_rewards"]
-    for c in pool:
-        c["quantile"] = sum(r <= c["reward"] for r in ref) / len(ref)
-    usable = [c for c in pool if c["text"].strip()]
-    if not usable:
-        return "empty_completion"
-    best = max(usable, key=lambda c: c["reward"])
-    worst = min(usable, key=lambda c: c["reward"])
-    if best["reward"] <= worst["reward"]:
-        return "no_signal"
-    rec["chosen"], rec["rejected"] = best, worst
-    return None
-
-
 def _drop_partial_line(file: Path):
     """Cut a line a kill left unfinished, so the next record starts on a line of its own."""
     if file.exists():
@@ -277,7 +274,7 @@ def _drop_partial_line(file: Path):
             os.truncate(file, data.rfind(b"\n") + 1)
 
 
-def rollout_dtype(t: Train, device) -> torch.dtype:
+def rollout_dtype(t: PosttrainTrain, device) -> torch.dtype:
     """Weights for sampling and reference log-probs: bf16 on GPUs when training in bf16 (what the FSDP forward
     computes in with bf16 parameters), else fp32 (the training forward's master weights under autocast)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" and t.dtype == "bf16" else torch.float32
@@ -292,8 +289,10 @@ def rollouts(recipe: AlignRecipe, tok, folder: Path, d: Dist, date: str) -> dict
 
     s, t = recipe.sampling, recipe.train
     done = read_records(folder)
-    todo = [(rec, texts) for rec, texts in load_prompts(tok, recipe.data.prompts, s.max_tokens, t.seq_len, date,
-                                                        recipe.data.dataset_candidates)
+    data = recipe.data
+    file_pool = read_candidate_file(data.candidates_file) if data.candidates_file else None
+    todo = [(rec, pool) for rec, pool in load_prompts(tok, data.prompts, s.max_tokens, t.seq_len, date,
+                                                      data.dataset_candidates, data.candidates_column, file_pool)
             if rec["index"] % d.world_size == d.rank and rec["index"] not in done]
     if todo:
         from tqdm import tqdm
@@ -330,7 +329,7 @@ def rollouts(recipe: AlignRecipe, tok, folder: Path, d: Dist, date: str) -> dict
 
 def _rollout_chunk(chunk, engine, reward, tok, recipe: AlignRecipe, date, autocast, SamplingParams, STOP_IDS):
     s = recipe.sampling
-    live = [(rec, texts) for rec, texts in chunk if "skipped" not in rec]
+    live = [(rec, pool) for rec, pool in chunk if "skipped" not in rec]
     prompts, params = [], []
     for rec, _ in live:
         for j in range(s.n):
@@ -340,14 +339,14 @@ def _rollout_chunk(chunk, engine, reward, tok, recipe: AlignRecipe, date, autoca
                                          stop_token_ids=list(STOP_IDS), repetition_penalty=1.0))
     results = iter(engine.generate(prompts, params) if prompts else [])
     items, owners = [], []
-    for rec, texts in live:
+    for rec, pool in live:
         rec["samples"] = [{"ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason, "source": "ref"}
                           for r in (next(results) for _ in range(s.n))]
         rec["candidates"] = []
-        for text in texts:
-            ids = candidate_ids(tok, rec, text, date)
+        for c in pool:
+            ids = candidate_ids(tok, rec, c["text"], date)
             if ids and len(rec["prompt_ids"]) + len(ids) <= recipe.train.seq_len:
-                rec["candidates"].append({"ids": ids, "text": text, "finish_reason": "stop", "source": "dataset"})
+                rec["candidates"].append({"ids": ids, **c})
         for c in rec["samples"] + rec["candidates"]:
             items.append({"messages": rec["messages"], "completion": c["text"],
                           "meta": {**rec["meta"], "finish_reason": c["finish_reason"]}})
@@ -357,7 +356,7 @@ def _rollout_chunk(chunk, engine, reward, tok, recipe: AlignRecipe, date, autoca
     pairs = []
     for rec, _ in live:
         rec["ref_rewards"] = [c["reward"] for c in rec["samples"]]
-        why = _choose(rec, rec["samples"] + rec["candidates"])
+        why = choose_pair(rec, rec["samples"] + rec["candidates"], recipe.pairs)
         if why:
             rec["skipped"] = why
         else:
@@ -489,10 +488,8 @@ def align(recipe: AlignRecipe, out_dir: str | Path, d: Dist | None = None) -> di
                                 n[0::2], n[1::2], lo.beta, lo.length_normalize)
         return losses.sum(), losses.numel()
 
-    cfg = LoopConfig(out_dir=out, steps=steps, lr=schedule(o, steps), grad_clip=t.grad_clip or None, dtype=t.dtype,
-                     flops_per_token=model.config.flops_per_token, log_every=t.log_every,
-                     ckpt_every=recipe.checkpoint.every, keep_last=recipe.checkpoint.keep_last,
-                     permanent_every=recipe.checkpoint.permanent_every, name=f"align-{lo.name}")
+    cfg = loop_config(f"align-{lo.name}", out, steps, schedule(o, steps), t, recipe.checkpoint,
+                      model.config.flops_per_token)
     result = train(model, optimizer, source, loss_fn, cfg, d)
     if result["step"] < steps:  # stopped by SIGTERM: the checkpoint is saved, the run is not finished
         return result
@@ -515,17 +512,22 @@ def _mean(xs: list[float]) -> float:
 
 def run(recipe: str | Path | dict, out_dir: str | Path, *, init_from: str | Path | None = None,
         overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """The Python entry point: an alignment run from a recipe file or dict (see `apertus.train.sft.run`); `init_from`
+    """The Python entry point: an alignment run from a recipe file or dict (as `apertus.train.sft.run`); `init_from`
     is the SFT checkpoint (π_ref and the starting policy). Resumable; returns the instruct checkpoint out_dir/hf."""
-    from .sft import run as run_any
+    return posttrain_run("align", parse_align_recipe, align, recipe, out_dir, init_from=init_from,
+                         overrides=overrides)
 
-    return run_any(recipe, out_dir, init_from=init_from, overrides=overrides, kind="align")
+
+def command(args) -> int:
+    """`apertus align` (posttrain.add_arguments)."""
+    return posttrain_command(args, parse_align_recipe, align)
+
+
+EXAMPLE = "recipes/align_tiny.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .sft import main as run_main
-
-    return run_main(argv, kind="align")
+    return posttrain_main(argv, "apertus.train.qrpo", parse_align_recipe, align, EXAMPLE)
 
 
 if __name__ == "__main__":

@@ -25,27 +25,28 @@ from typing import Any
 
 from ..checkpoint import resolve_checkpoint_dir
 from ..config import ApertusConfig, load_config, load_toml, model_config_from
-from .optim import DECAYS, wsd
+from .loop import LoopConfig
+from .optim import DECAYS, build_optimizer, wsd
 
 
 @dataclass
-class Data:
+class PretrainData:
     dataset: str | None = None
     tokenizer: str | None = None
 
 
+# The family of tables every training command shares: one meaning per field, defaults per command.
+
+
 @dataclass
 class Train:
-    seq_len: int = 4096
-    global_batch_tokens: int = 4096 * 1024
-    micro_batch: int = 1
-    steps: int = 0  # length when there are no [[stages]] (or tokens)
-    tokens: int = 0
+    """[train] fields every training command has."""
+    seq_len: int = 4096  # longest row (pretraining: the sequence; SFT: conversation or pack; alignment: prompt + reply)
+    micro_batch: int = 1  # rows per forward pass and rank
+    steps: int = 0  # optimizer steps; 0: derived (pretraining: from tokens; post-training: from epochs)
     seed: int = 0
     dtype: str = "bf16"
-    grad_clip: float = 0.1
-    goldfish_k: int = 50  # 0 turns Goldfish off
-    goldfish_h: int = 50
+    grad_clip: float = 1.0  # global norm; 0: no clipping
     compile: bool = False
     activation_checkpointing: bool = False
     fsdp_param_dtype: str = "fp32"  # "bf16": all-gather bf16 copies (fp32 masters, fp32 reduction)
@@ -54,16 +55,41 @@ class Train:
 
 
 @dataclass
+class PretrainTrain(Train):
+    global_batch_tokens: int = 4096 * 1024
+    tokens: int = 0  # length when there are no [[stages]] (or steps)
+    grad_clip: float = 0.1
+    goldfish_k: int = 50  # 0 turns Goldfish off
+    goldfish_h: int = 50
+
+
+@dataclass
 class Optim:
+    """[optim] of every training command (pretraining's LR schedule is [schedule]; post-training's warmup_ratio)."""
     name: str = "ademamix"
     lr: float = 1.1e-4
     min_lr: float = 1.1e-5
     betas: list = field(default_factory=lambda: [0.9, 0.999, 0.9999])
     alpha: float = 8.0
-    t_alpha: int = 0  # 0: no warmup
-    t_beta3: int = 0
+    t_alpha: int = 0  # steps of the α warmup; 0: the whole run (as Apertus did in pretraining and SFT)
+    t_beta3: int = 0  # steps of the β3 warmup; 0: the whole run
     eps: float = 1e-8
     weight_decay: float = 0.1
+
+
+def make_optimizer(model, o: Optim, steps: int):
+    """The recipe's optimizer for a run of `steps` optimizer steps (the α and β3 warmups default to all of them)."""
+    return build_optimizer(model, o.name, lr=o.lr, betas=o.betas, alpha=o.alpha, t_alpha=o.t_alpha or steps,
+                           t_beta3=o.t_beta3 or steps, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def loop_config(name: str, out, steps: int, lr, t: Train, ck: Checkpoint, flops_per_token,
+                val_every: int = 0) -> LoopConfig:
+    """The shared loop's settings from a recipe's [train] and [checkpoint] tables."""
+    return LoopConfig(out_dir=out, steps=steps, lr=lr, grad_clip=t.grad_clip or None, dtype=t.dtype,
+                      flops_per_token=flops_per_token, peak_flops=t.peak_flops or None, log_every=t.log_every,
+                      val_every=val_every, ckpt_every=ck.every, keep_last=ck.keep_last,
+                      permanent_every=ck.permanent_every, name=name)
 
 
 @dataclass
@@ -111,8 +137,8 @@ class Stage:
 class Recipe:
     model: ApertusConfig
     init_from: str | None
-    data: Data
-    train: Train
+    data: PretrainData
+    train: PretrainTrain
     optim: Optim
     schedule: Schedule
     checkpoint: Checkpoint
@@ -148,7 +174,8 @@ class Recipe:
                    min_lr=o.min_lr, warmup_init=s.warmup_init, decay=s.decay)
 
 
-def _table(cls, d: Any, where: str):
+def parse_table(cls, d: Any, where: str):
+    """A recipe table as the dataclass `cls`, each value checked against the field's type; errors name the key."""
     if d is None:
         return cls()
     if not isinstance(d, dict):
@@ -182,36 +209,64 @@ def _table(cls, d: Any, where: str):
     return cls(**out)
 
 
+def parse_model(table: dict | None) -> tuple[ApertusConfig, str | None]:
+    """`[model]`: init_from = a Hugging Face checkpoint (other keys override its config), or a preset + overrides."""
+    table = dict(table or {"preset": "tiny"})
+    init_from = table.pop("init_from", None)
+    if not init_from:
+        return model_config_from(table), None
+    if "preset" in table:
+        raise ValueError("recipe: [model] give preset or init_from, not both")
+    init_from = str(resolve_checkpoint_dir(init_from))  # a hub id: its local snapshot (config, weights, tokenizer)
+    unknown = sorted(set(table) - {f.name for f in dataclasses.fields(ApertusConfig)})
+    if unknown:
+        raise ValueError(f"recipe: [model] unknown key(s) {', '.join(unknown)}")
+    return dataclasses.replace(load_config(init_from), **table), init_from
+
+
+def parse_tables(d: dict, tables: dict[str, type]) -> dict:
+    """The named tables of a recipe (plus [model]); an unknown section is an error."""
+    unknown = sorted(set(d) - set(tables) - {"model"})
+    if unknown:
+        raise ValueError(f"recipe: unknown section(s) {', '.join(unknown)} (known: model, {', '.join(tables)})")
+    return {name: parse_table(cls, d.get(name), name) for name, cls in tables.items()}
+
+
+def check_optim(o: Optim):
+    ensure(o.name in ("ademamix", "adamw"), f"[optim] name {o.name!r} must be 'ademamix' or 'adamw'")
+    ensure(len(o.betas) == 3 or (o.name == "adamw" and len(o.betas) == 2),
+           "[optim] betas must have three values for AdEMAMix (two for AdamW)")
+    ensure(all(0 <= b < 1 for b in o.betas), f"[optim] betas {o.betas} must lie in [0, 1)")
+    ensure(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"[optim] need lr > 0 and 0 <= min_lr <= lr (lr {o.lr}, "
+           f"min_lr {o.min_lr})")
+    ensure(o.t_alpha >= 0 and o.t_beta3 >= 0, "[optim] t_alpha and t_beta3 must be >= 0 (0: the whole run)")
+
+
+def check_train(t: Train):
+    ensure(t.dtype in ("bf16", "fp32"), f"[train] dtype {t.dtype!r} must be 'bf16' or 'fp32'")
+    ensure(t.fsdp_param_dtype in ("bf16", "fp32"), f"[train] fsdp_param_dtype {t.fsdp_param_dtype!r} must be "
+           "'bf16' or 'fp32'")
+    ensure(t.grad_clip >= 0, "[train] grad_clip must be >= 0 (0: no clipping)")
+
+
 def parse_recipe(d: dict, world_size: int = 1) -> Recipe:
     """Check a recipe table; every error names the offending key. `world_size` is the number of ranks."""
     sections = {"model", "data", "train", "optim", "schedule", "checkpoint", "eval", "stages"}
     unknown = sorted(set(d) - sections)
     if unknown:
         raise ValueError(f"recipe: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(sections))})")
-    model_table = dict(d.get("model") or {"preset": "tiny"})
-    init_from = model_table.pop("init_from", None)
-    if init_from:  # the architecture is the checkpoint's; other [model] keys override it (e.g. rope_theta)
-        if "preset" in model_table:
-            raise ValueError("recipe: [model] give preset or init_from, not both")
-        init_from = str(resolve_checkpoint_dir(init_from))  # a hub id: its local snapshot
-        unknown = sorted(set(model_table) - {f.name for f in dataclasses.fields(ApertusConfig)})
-        if unknown:
-            raise ValueError(f"recipe: [model] unknown key(s) {', '.join(unknown)}")
-        model = dataclasses.replace(load_config(init_from), **model_table)
-    else:
-        model = model_config_from(model_table)
-    r = Recipe(model=model, init_from=init_from, data=_table(Data, d.get("data"), "data"),
-               train=_table(Train, d.get("train"), "train"), optim=_table(Optim, d.get("optim"), "optim"),
-               schedule=_table(Schedule, d.get("schedule"), "schedule"),
-               checkpoint=_table(Checkpoint, d.get("checkpoint"), "checkpoint"),
-               eval=_table(Eval, d.get("eval"), "eval"), stages=[])
+    model, init_from = parse_model(d.get("model"))
+    r = Recipe(model=model, init_from=init_from, stages=[], **parse_tables(
+        {k: v for k, v in d.items() if k != "stages"},
+        {"data": PretrainData, "train": PretrainTrain, "optim": Optim, "schedule": Schedule, "checkpoint": Checkpoint,
+         "eval": Eval}))
     t = r.train
     raw = d.get("stages") or [{"name": "main", "steps": t.steps, "tokens": t.tokens}]
     if not isinstance(raw, list):
         raise ValueError("recipe: stages must be an array of tables ([[stages]])")
     start_step = start_tokens = 0
     for i, table in enumerate(raw):
-        s = _table(Stage, table, f"stages.{i}")
+        s = parse_table(Stage, table, f"stages.{i}")
         s.name = s.name or f"stage{i + 1}"
         for key in ("seq_len", "global_batch_tokens", "micro_batch"):
             if getattr(s, key) is None:
@@ -219,43 +274,36 @@ def parse_recipe(d: dict, world_size: int = 1) -> Recipe:
         if s.seed is None:
             s.seed = t.seed
         where = f"stages.{i} ({s.name})"
-        _check(s.seq_len > 0 and s.micro_batch > 0 and s.global_batch_tokens > 0, f"[{where}] seq_len, micro_batch "
+        ensure(s.seq_len > 0 and s.micro_batch > 0 and s.global_batch_tokens > 0, f"[{where}] seq_len, micro_batch "
                "and global_batch_tokens must be positive")
-        _check(s.seq_len <= model.max_position_embeddings, f"[{where}] seq_len {s.seq_len} exceeds the model's "
+        ensure(s.seq_len <= model.max_position_embeddings, f"[{where}] seq_len {s.seq_len} exceeds the model's "
                f"max_position_embeddings {model.max_position_embeddings}")
         per_step = s.seq_len * s.micro_batch * world_size
-        _check(s.global_batch_tokens % per_step == 0, f"[{where}] global_batch_tokens {s.global_batch_tokens:,} is not "
+        ensure(s.global_batch_tokens % per_step == 0, f"[{where}] global_batch_tokens {s.global_batch_tokens:,} is not "
                f"divisible by seq_len x micro_batch x ranks = {s.seq_len} x {s.micro_batch} x {world_size}")
         if s.steps and s.tokens:
             raise ValueError(f"recipe: [{where}] give steps or tokens, not both")
         s.steps = s.steps or math.ceil(s.tokens / s.global_batch_tokens)
         s.tokens = s.steps * s.global_batch_tokens
-        _check(s.steps > 0, f"[{where}] needs steps or tokens > 0 (or [train] steps/tokens when there are no stages)")
-        _check(s.lr is None or s.lr >= 0, f"[{where}] lr must be >= 0")
+        ensure(s.steps > 0, f"[{where}] needs steps or tokens > 0 (or [train] steps/tokens when there are no stages)")
+        ensure(s.lr is None or s.lr >= 0, f"[{where}] lr must be >= 0")
         s.start_step, s.start_tokens = start_step, start_tokens
         start_step += s.steps
         start_tokens += s.tokens
         r.stages.append(s)
-    o = r.optim
-    _check(o.name in ("ademamix", "adamw"), f"[optim] name {o.name!r} must be 'ademamix' or 'adamw'")
-    _check(len(o.betas) == (3 if o.name == "ademamix" else 2) or (o.name == "adamw" and len(o.betas) == 3),
-           "[optim] betas must have three values for AdEMAMix (two for AdamW)")
-    _check(all(0 <= b < 1 for b in o.betas), f"[optim] betas {o.betas} must lie in [0, 1)")
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"[optim] need lr > 0 and 0 <= min_lr <= lr (lr {o.lr}, "
-           f"min_lr {o.min_lr})")
-    _check(r.schedule.decay in DECAYS, f"[schedule] decay {r.schedule.decay!r} must be one of {', '.join(DECAYS)}")
-    _check(r.schedule.warmup_tokens + r.schedule.cooldown_tokens <= max(r.schedule_tokens, 1),
+    check_optim(r.optim)
+    ensure(r.schedule.decay in DECAYS, f"[schedule] decay {r.schedule.decay!r} must be one of {', '.join(DECAYS)}")
+    ensure(r.schedule.warmup_tokens + r.schedule.cooldown_tokens <= max(r.schedule_tokens, 1),
            "[schedule] warmup_tokens + cooldown_tokens exceed the tokens of the scheduled stages "
            f"({r.schedule_tokens:,})")
-    _check(t.dtype in ("bf16", "fp32"), f"[train] dtype {t.dtype!r} must be 'bf16' or 'fp32'")
-    _check(t.fsdp_param_dtype in ("bf16", "fp32"), f"[train] fsdp_param_dtype {t.fsdp_param_dtype!r} must be "
-           "'bf16' or 'fp32'")
-    _check(t.goldfish_k >= 0 and t.goldfish_h >= 1, "[train] goldfish_k must be >= 0 (0 = off), goldfish_h >= 1")
-    _check(r.checkpoint.keep_last >= 1, "[checkpoint] keep_last must be >= 1")
+    check_train(t)
+    ensure(t.goldfish_k >= 0 and t.goldfish_h >= 1, "[train] goldfish_k must be >= 0 (0 = off), goldfish_h >= 1")
+    ensure(r.checkpoint.keep_last >= 1, "[checkpoint] keep_last must be >= 1")
     return r
 
 
-def _check(ok: bool, message: str):
+def ensure(ok: bool, message: str):
+    """A ValueError naming the recipe problem unless `ok`."""
     if not ok:
         raise ValueError(f"recipe: {message}")
 

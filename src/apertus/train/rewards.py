@@ -21,6 +21,7 @@ from pathlib import Path
 from .chat_data import gsm8k_answer
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+_MARKUP = re.compile(r"<[^<>\s]*>")
 _FINAL_LINE = re.compile(r"\n#### -?[\d,]*\.?\d+\s*$")
 
 
@@ -31,15 +32,30 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def gsm8k_correct(messages, completion: str, meta: dict) -> float:
-    """1 when the reply's final answer (the `#### N` line, else its last number) equals the reference answer."""
-    ref = _number(meta.get("answer"))
+def final_number(completion: str) -> float | None:
+    """The GSM8K "last number" rule: the reply's final answer, its `#### N` line, else the last number in it (not the
+    digits of special-token markup such as `<SPECIAL_12>`); None without one."""
     found = gsm8k_answer(completion)
     if found is None:
-        numbers = _NUMBER.findall(completion)
+        numbers = _NUMBER.findall(_MARKUP.sub("", completion))
         found = numbers[-1] if numbers else None
-    got = _number(found)
+    return _number(found)
+
+
+def gsm8k_correct(messages, completion: str, meta: dict) -> float:
+    """1 when the reply's final answer (`final_number`) equals the reference answer."""
+    ref, got = _number(meta.get("answer")), final_number(completion)
     return float(ref is not None and got is not None and math.isclose(got, ref, abs_tol=1e-6))
+
+
+def gsm8k_closeness(messages, completion: str, meta: dict) -> float:
+    """Graded shaping reward in [0, 1]: how close the reply's final number (`final_number`) is to the reference
+    answer, 1 - |got - ref| / max(|ref|, 1), 0 without a number. A tiny model is rarely exactly right, so without a
+    graded term most questions' samples tie and give QRPO no training pair (the speedrun adds it)."""
+    ref, got = _number(meta.get("answer")), final_number(completion)
+    if ref is None or got is None:
+        return 0.0
+    return max(0.0, 1.0 - abs(got - ref) / max(abs(ref), 1.0))
 
 
 def gsm8k_format(messages, completion: str, meta: dict) -> float:
@@ -52,7 +68,8 @@ def ends_turn(messages, completion: str, meta: dict) -> float:
     return float(meta.get("finish_reason") == "stop" and bool(completion.strip()))
 
 
-BUILTIN = {"gsm8k_correct": gsm8k_correct, "gsm8k_format": gsm8k_format, "ends_turn": ends_turn}
+BUILTIN = {"gsm8k_correct": gsm8k_correct, "gsm8k_format": gsm8k_format, "gsm8k_closeness": gsm8k_closeness,
+           "ends_turn": ends_turn}
 
 
 def load_function(spec: str) -> Callable:
