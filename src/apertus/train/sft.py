@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ApertusConfig
 from ..chat import CHAT_FORMATS
+from ..config import ApertusConfig
 from .chat_data import SKIP_REASONS, encode, read_sources
 from .distributed import Dist, all_reduce_sum, init_distributed
 from .loop import to_device, train
