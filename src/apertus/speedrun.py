@@ -34,9 +34,10 @@ from itertools import zip_longest
 from pathlib import Path
 
 from .config import data_root
+from .data.embedded import packaged_dir
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "align", "eval", "export", "cards", "chat")
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = packaged_dir("recipes", "recipes")  # recipes/ of the checkout, or apertus/recipes in a wheel
 SYSTEM = "Solve the problem."
 CHATS = [
     [{"role": "system", "content": SYSTEM},

@@ -28,14 +28,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apertus"
 
 
-def embedded_dir() -> Path | None:
-    """The compact corpora: `apertus/corpora` inside an installed wheel, `data/` at the root of a source checkout
-    (also what an editable install runs from)."""
+def packaged_dir(name: str, in_repo: str) -> Path:
+    """A folder kept at the repository root (`data/`, `recipes/`) that a wheel carries inside the package
+    (`apertus/corpora`, `apertus/recipes`; setup.py maps them): the package's copy if installed, else the checkout's
+    (a source checkout, an editable install)."""
     package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "corpora", package.parents[1] / "data"):
-        if any(candidate.glob(f"*/{SUMS}")):
-            return candidate
-    return None
+    return package / name if (package / name).is_dir() else package.parents[1] / in_repo
+
+
+def embedded_dir() -> Path | None:
+    """The compact corpora (`data/` of the repository), or None if this installation carries none."""
+    d = packaged_dir("corpora", "data")
+    return d if any(d.glob(f"*/{SUMS}")) else None
 
 
 def read_sums(path: Path) -> dict[str, str]:

@@ -1,6 +1,6 @@
-"""Rebuild the compact corpora of this folder from a directory laid out like it (one sub-folder per corpus).
+"""Rebuild the compact corpora of data/ from a directory laid out like it (one sub-folder per corpus).
 
-    python data/pack.py SOURCE_DIR [NAME ...]
+    python runs/pack_data.py SOURCE_DIR [NAME ...]     # writes into data/
 
 For each corpus: NAME/NAME.tar.xz (its files, sorted, with fixed owner, mode and time, xz -9e, so the same files
 give the same archive bytes) and NAME/SHA256SUMS (sha256 of every file, `sha256sum -c` format). README.md stays
@@ -14,7 +14,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "data"
 CORPORA = ["apertus_tokenizer", "dolly_open_qa", "gsm8k", "mgsm", "orca_dpo_pairs", "piqa", "sib200",
            "tinyshakespeare", "udhr", "xcopa", "xwinograd"]
 EXCLUDE = {"README.md", "tokenizer.json"}  # tokenizer.json: rebuilt from mistral-common or fetched (17 MB)
