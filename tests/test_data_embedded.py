@@ -1,4 +1,4 @@
-"""The embedded corpora (data/): the sha256 manifests, the unpacking into the cache, and that nothing reads ../shared."""
+"""The embedded corpora (data/): the sha256 manifests, unpacking into the cache, and no path beside the checkout."""
 
 import hashlib
 import re
@@ -72,7 +72,7 @@ def test_data_root_is_the_cache_unless_apertus_data_is_set(tmp_path, monkeypatch
     root = E.data_root()
     assert root == tmp_path / "cache" / "apertus" / "data"
     assert sorted(p.name for p in root.iterdir()) == sorted(E.embedded_corpora())
-    with pytest.raises(FileNotFoundError, match=r"corpus 'hh_rlhf_harmless' .* run `apertus data fetch hh_rlhf_harmless`"):
+    with pytest.raises(FileNotFoundError, match=r"'hh_rlhf_harmless' .* `apertus data fetch hh_rlhf_harmless`"):
         E.corpus_path("hh_rlhf_harmless", "test.jsonl.gz")
 
 

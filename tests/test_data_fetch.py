@@ -118,8 +118,8 @@ def test_tokenizer_from_the_hub_endpoint(tmp_path, monkeypatch, apertus_tokenize
     monkeypatch.delenv("APERTUS_DATA_MIRROR", raising=False)
     (f,) = REGISTRY["apertus_tokenizer"].files
     with Server() as s:
-        s.files["/swiss-ai/Apertus-8B-Instruct-2509/resolve/b946d40447b2b597999b9c86d44bee0b452c919f/tokenizer.json"] = (
-            apertus_tokenizer_json.read_bytes())
+        rev = "b946d40447b2b597999b9c86d44bee0b452c919f"  # Apertus-8B-Instruct-2509 (data/apertus_tokenizer/README)
+        s.files[f"/swiss-ai/Apertus-8B-Instruct-2509/resolve/{rev}/tokenizer.json"] = apertus_tokenizer_json.read_bytes()
         monkeypatch.setenv("HF_ENDPOINT", s.url)
         assert url_of("apertus_tokenizer", f) == s.url + next(iter(s.files))
         dest = fetch("apertus_tokenizer", tmp_path, progress=False)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -19,7 +20,6 @@ import pytest
 import torch
 import transformers
 import yaml
-from pathlib import Path
 from safetensors.torch import load_file
 
 from apertus.speedrun import STAGES

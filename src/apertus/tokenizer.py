@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizers with the Apertus special-token layout, on Hugging Face `tokenizers`.
 
 Three ways to get one, all giving the same `tokenizer.json` format and the same ids 0-999:
-- `apertus_tokenizer_path()`: the released Apertus tokenizer (fetched or in $APERTUS_DATA, else rebuilt from `mistral-common`).
+- `apertus_tokenizer_path()`: the released Apertus tokenizer (fetched, or in $APERTUS_DATA, else rebuilt from
+  `mistral-common` once into ~/.cache/apertus).
 - `rebuild_apertus(out_dir)`: the byte-identical rebuild from the tekken vocabulary (recipe in
   `data/apertus_tokenizer/README.md` in the repository), checked against the released sha256.
 - `train_tokenizer(texts, vocab_size, out_dir)`: a new BPE trained on a corpus, same pre-tokenizer and specials.
