@@ -119,7 +119,8 @@ def test_tokenizer_from_the_hub_endpoint(tmp_path, monkeypatch, apertus_tokenize
     (f,) = REGISTRY["apertus_tokenizer"].files
     with Server() as s:
         rev = "b946d40447b2b597999b9c86d44bee0b452c919f"  # Apertus-8B-Instruct-2509 (data/apertus_tokenizer/README)
-        s.files[f"/swiss-ai/Apertus-8B-Instruct-2509/resolve/{rev}/tokenizer.json"] = apertus_tokenizer_json.read_bytes()
+        path = f"/swiss-ai/Apertus-8B-Instruct-2509/resolve/{rev}/tokenizer.json"
+        s.files[path] = apertus_tokenizer_json.read_bytes()
         monkeypatch.setenv("HF_ENDPOINT", s.url)
         assert url_of("apertus_tokenizer", f) == s.url + next(iter(s.files))
         dest = fetch("apertus_tokenizer", tmp_path, progress=False)
