@@ -2,9 +2,10 @@
 
 Every file is pinned: a URL at a fixed revision (a git commit, a Hugging Face revision) and the sha256 of the upstream
 bytes. Only hashes that are justified are listed: the tokenizer's are the pins of the Swiss AI tokenizer registry
-(data/apertus_tokenizer/README.md); the others are pinned, for these very URLs and commits, by several independent
-public projects and equal the bytes this repository took from those sources. Corpora whose upstream bytes could not
-be checked (line endings differ in some, e.g. XCOPA) are embedded instead and not offered here.
+(data/apertus_tokenizer/README.md); the other three are published as the sha256 of these upstream files (same
+repository, path and size) by several unrelated public projects, and equal the copies this repository took from the
+same sources. Corpora whose upstream bytes could not be established are embedded only and not offered here (the
+upstream XCOPA files, for one, are 100 bytes longer than our copies: CRLF line ends, so their hashes differ).
 
 Files are downloaded into a temporary folder beside the destination, checked (size, sha256), and only then moved in:
 a failed or interrupted fetch leaves nothing half-written. `$APERTUS_DATA_MIRROR` (a base URL serving NAME/PATH)
