@@ -5,7 +5,7 @@ bytes. Only hashes that are justified are listed: the tokenizer's are the pins o
 (data/apertus_tokenizer/README.md); the other three are published as the sha256 of these upstream files (same
 repository, path and size) by several unrelated public projects, and equal the copies this repository took from the
 same sources. Corpora whose upstream bytes could not be established are embedded only and not offered here (the
-upstream XCOPA files, for one, are 100 bytes longer than our copies: CRLF line ends, so their hashes differ).
+copy of XCOPA's it/val.it.jsonl in a public code index is 100 characters longer than ours, for one).
 
 Files are downloaded into a temporary folder beside the destination, checked (size, sha256), and only then moved in:
 a failed or interrupted fetch leaves nothing half-written. `$APERTUS_DATA_MIRROR` (a base URL serving NAME/PATH)
