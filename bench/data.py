@@ -41,7 +41,9 @@ def main():
     logger.remove()
     corpus = docs()
     texts = [d.text for d in corpus]
-    tok, bos, eos = load_tokenizer(str(data_root() / "apertus_tokenizer/tokenizer.json"))
+    from apertus.tokenizer import apertus_tokenizer_path
+
+    tok, bos, eos = load_tokenizer(str(apertus_tokenizer_path()))
     n_tok = sum(len(a) for a in encode_docs(tok, texts, bos, eos, np.uint32))
     mb = sum(len(t.encode()) for t in texts) / 1e6
     t = interleaved({"ours": lambda: encode_docs(tok, texts, bos, eos, np.uint32),

@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded data and the real Apertus tokenizer (local files only, no hub)."""
+"""Shared fixtures: the embedded data (apertus.data.embedded) and the real Apertus tokenizer (rebuilt from
+mistral-common once per machine, or $APERTUS_DATA's copy; local files only, no hub)."""
 
 import os
 
@@ -14,14 +15,28 @@ from apertus.config import data_root  # noqa: E402
 @pytest.fixture(scope="session")
 def data_dir():
     root = data_root()
-    if not root.is_dir():
-        pytest.fail(f"embedded data not found at {root}; set APERTUS_DATA")
+    if not (root / "udhr").is_dir():
+        pytest.fail(f"the embedded corpora are not at {root} (APERTUS_DATA={os.environ.get('APERTUS_DATA')})")
     return root
 
 
 @pytest.fixture(scope="session")
-def apertus_tokenizer_json(data_dir):
-    return data_dir / "apertus_tokenizer" / "tokenizer.json"
+def apertus_tokenizer_dir(data_dir, tmp_path_factory):
+    """A released-tokenizer folder as the instruct model ships it: tokenizer.json (apertus_tokenizer_path()), the
+    instruct tokenizer_config.json and the chat templates (embedded). transformers' AutoTokenizer reads it."""
+    from apertus.tokenizer import apertus_tokenizer_path
+
+    d = tmp_path_factory.mktemp("apertus_tokenizer")
+    (d / "tokenizer.json").symlink_to(apertus_tokenizer_path())
+    for f in (data_dir / "apertus_tokenizer").iterdir():
+        if f.suffix in (".json", ".jinja") and f.name != "tokenizer.json":
+            (d / f.name).symlink_to(f)
+    return d
+
+
+@pytest.fixture(scope="session")
+def apertus_tokenizer_json(apertus_tokenizer_dir):
+    return apertus_tokenizer_dir / "tokenizer.json"
 
 
 @pytest.fixture(scope="session")

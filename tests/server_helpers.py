@@ -19,12 +19,11 @@ import time
 import torch
 
 from apertus import ApertusConfig, build_model, save_model
-from apertus.config import data_root
 from apertus.infer import Engine
 from apertus.infer.server import create_app, running
-from apertus.tokenizer import Tokenizer
+from apertus.tokenizer import Tokenizer, apertus_tokenizer_path
 
-TOKENIZER_JSON = data_root() / "apertus_tokenizer" / "tokenizer.json"
+TOKENIZER_JSON = apertus_tokenizer_path()  # rebuilt from mistral-common once per machine (cached)
 MODEL = "apertus-test"
 ASSISTANT_START, ASSISTANT_END, INNER_PREFIX, INNER_SUFFIX, TOOLS_PREFIX, TOOLS_SUFFIX, EOS = 67, 68, 69, 70, 71, 72, 2
 

@@ -17,8 +17,8 @@ DATE = datetime.datetime(2025, 9, 2, 10, 30)
 
 
 @pytest.fixture(scope="module")
-def template_dir(data_dir):
-    return data_dir / "apertus_tokenizer"
+def template_dir(apertus_tokenizer_dir):
+    return apertus_tokenizer_dir  # templates, tokenizer_config.json and tokenizer.json: as the model ships them
 
 
 @pytest.fixture(scope="module")

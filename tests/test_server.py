@@ -67,9 +67,9 @@ def client(server, **kw):
 
 
 @pytest.fixture(scope="module")
-def hf_tok(data_dir):
+def hf_tok(apertus_tokenizer_dir):
     """transformers' tokenizer with the released chat template: the reference for prompt token counts."""
-    return transformers.AutoTokenizer.from_pretrained(str(data_dir / "apertus_tokenizer"))
+    return transformers.AutoTokenizer.from_pretrained(str(apertus_tokenizer_dir))
 
 
 def reference_ids(hf_tok, messages, tools=None, **kw):

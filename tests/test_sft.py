@@ -70,7 +70,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens_of_rendered_conversations
     from apertus.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(apertus_tokenizer_json)
-    hf = transformers.AutoTokenizer.from_pretrained(str(data_dir / "apertus_tokenizer"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(apertus_tokenizer_json.parent))
     convs = list(read_source({"format": "chat", "path": str(write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS))}))
     examples = [encode(tok, c, 4096, DATE, format="release") for c in convs]  # ids of the released template
     for conv, (ids, _) in zip(convs, examples, strict=True):  # the ids are the official template's

@@ -1,14 +1,18 @@
 """The speedrun end to end (`apertus speedrun --smoke`): killed in the middle, resumed, then every artifact loaded
 by a reader we did not write: the HF export by transformers (logits against ours), the GGUF by gguf-py's reader
 (architecture, tensor names and count, weights equal to the checkpoint's), the cards by a YAML parser.
+It runs from a copy of the repository with nothing beside it, $APERTUS_DATA unset and an empty cache, from another
+working directory: what a `git clone` gives a newcomer (issue 16).
 """
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -27,12 +31,36 @@ def _speedrun(out, *extra):
     return [sys.executable, "-m", "apertus.cli", "speedrun", "--smoke", "--out", str(out), *extra]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_alone(tmp):
+    """The repository's files (tracked and not ignored, as a clone of this state has them) copied to `tmp/apertus`
+    with nothing beside them; the environment of a newcomer: no APERTUS_DATA, an empty cache. Only the rebuilt
+    tokenizer is carried over when this machine has it (its rebuild is tested in test_tokenizer)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    repo = tmp / "apertus"
+    for rel in filter(None, files.split("\0")):
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    cache = tmp / "cache"
+    tok = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apertus" / "apertus_tokenizer"
+    if (tok / "tokenizer.json").is_file():
+        shutil.copytree(tok, cache / "apertus" / "apertus_tokenizer")
+    env = {k: v for k, v in os.environ.items() if k not in ("APERTUS_DATA", "PYTHONPATH")}
+    return repo, {**env, "PYTHONPATH": str(repo / "src"), "XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A smoke speedrun killed (SIGTERM) as its SFT stage starts, then rerun to the end."""
-    out = tmp_path_factory.mktemp("speedrun") / "smoke"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(_speedrun(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tmp = tmp_path_factory.mktemp("speedrun")
+    out = tmp / "smoke"
+    repo, env = _checkout_alone(tmp)
+    p = subprocess.Popen(_speedrun(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         cwd=tmp)
     first = []
     for line in p.stdout:
         first.append(line)
@@ -42,9 +70,16 @@ def run(tmp_path_factory):
     first.append(p.communicate(timeout=600)[0])
     assert p.returncode != 0, "".join(first)
     done = {s: (out / s / "DONE").stat().st_mtime_ns for s in STAGES if (out / s / "DONE").is_file()}
-    second = subprocess.run(_speedrun(out), capture_output=True, text=True, timeout=900, env=env)
+    second = subprocess.run(_speedrun(out), capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return {"out": out, "done_after_kill": done, "log": second.stdout}
+    return {"out": out, "done_after_kill": done, "log": second.stdout, "repo": repo, "cache": tmp / "cache"}
+
+
+def test_ran_on_the_corpora_unpacked_from_the_lone_checkout(run):
+    unpacked = run["cache"] / "apertus" / "data"
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted(
+        p.name for p in (run["repo"] / "data").iterdir() if (p / "SHA256SUMS").is_file())
+    assert (unpacked / "udhr" / ".embedded").is_file() and (unpacked / "sib200" / "annotated").is_dir()
 
 
 def test_resume_skips_finished_stages(run):

@@ -58,7 +58,9 @@ def corpus(max_vocab: int | None = None) -> Corpus:
 
     from tokenizers import Tokenizer
 
-    tok_file = data_root() / "apertus_tokenizer" / "tokenizer.json"
+    from apertus.tokenizer import apertus_tokenizer_path
+
+    tok_file = apertus_tokenizer_path()
     tok = Tokenizer.from_file(str(tok_file))
     text = (data_root() / "tinyshakespeare" / "input.txt").read_text()
     speeches = [s.strip() for s in re.split(r"\n\s*\n", text) if s.strip()]

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 
 from . import chat_template as jt
 from .chat_template import normalize_messages, normalize_tools  # noqa: F401 (part of this module's API)
@@ -26,6 +27,7 @@ ASSISTANT_START, ASSISTANT_END = "<|assistant_start|>", "<|assistant_end|>"
 INNER_PREFIX, INNER_SUFFIX = "<|inner_prefix|>", "<|inner_suffix|>"
 TOOLS_PREFIX, TOOLS_SUFFIX = "<|tools_prefix|>", "<|tools_suffix|>"
 IMAGE = "<|image|>"
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # the released Jinja templates, byte-identical copies
 DEFAULT_SYSTEM = ("You are Apertus, a helpful assistant created by the SwissAI initiative.\n"
                   "Knowledge cutoff: 2024-04\nCurrent date: ")
 STOP_IDS = (2, 68, 72)  # </s>, <|assistant_end|>, <|tools_suffix|>: the instruct generation config
@@ -311,10 +313,6 @@ def parse_reply(text_or_ids, tokenizer=None) -> dict:
 
 
 def official_template() -> str:
-    """The released Jinja chat template (embedded data), for tokenizer directories that transformers/vLLM read."""
-    from .config import data_root
-
-    file = data_root() / "apertus_tokenizer" / "chat_template.jinja"
-    if not file.is_file():
-        raise FileNotFoundError(f"the official chat template is not at {file}; set APERTUS_DATA")
-    return file.read_text(encoding="utf-8")
+    """The released Jinja chat template (a package file, byte-identical to the instruct model's), for tokenizer
+    directories that transformers/vLLM read."""
+    return (TEMPLATES / "chat_template.jinja").read_text(encoding="utf-8")

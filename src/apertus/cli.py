@@ -155,6 +155,16 @@ def cmd_data_info(args) -> int:
     return 0
 
 
+def cmd_data_fetch(args) -> int:
+    from .data.fetch import fetch, listing
+
+    if args.name is None or args.list:
+        print(listing())
+        return 0
+    print(f"{args.name} -> {fetch(args.name, args.to)}")
+    return 0
+
+
 def _add_data_commands(sub) -> None:
     d = sub.add_parser("data", help="the data pipeline: build tokenized shards from a recipe").add_subparsers(
         dest="data_command", required=True)
@@ -168,6 +178,12 @@ def _add_data_commands(sub) -> None:
     s = d.add_parser("info", help="print the funnel and stages of a built dataset")
     s.add_argument("dataset")
     s.set_defaults(func=cmd_data_info)
+    s = d.add_parser("fetch", help="download a data set from its pinned public source (sha256-checked) into the "
+                     "user cache; without NAME: list what can be fetched")
+    s.add_argument("name", nargs="?", help="e.g. apertus_tokenizer, hh_rlhf_harmless")
+    s.add_argument("--to", help="folder to put NAME/ in (default $XDG_CACHE_HOME/apertus/data, read by every reader)")
+    s.add_argument("--list", action="store_true", help="list the fetchable and the embedded data sets")
+    s.set_defaults(func=cmd_data_fetch)
 
 
 # === pretraining and export (issue 5) ================================================================================

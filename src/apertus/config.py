@@ -26,15 +26,11 @@ INIT_STD = 0.008944  # Megatron --init-method-std of both Apertus runs
 
 
 def data_root() -> Path:
-    """The embedded corpora: $APERTUS_DATA, else `../shared/data` beside the source checkout (or the cwd)."""
-    import os
+    """Where corpora are read from: $APERTUS_DATA, else the user cache holding the embedded corpora (unpacked on first
+    use) and whatever `apertus data fetch` added (apertus.data.embedded)."""
+    from .data.embedded import data_root as root
 
-    if os.environ.get("APERTUS_DATA"):
-        return Path(os.environ["APERTUS_DATA"])
-    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (base.parent / "shared" / "data").is_dir():
-            return base.parent / "shared" / "data"
-    return Path.cwd().parent / "shared" / "data"
+    return root()
 
 
 @dataclass

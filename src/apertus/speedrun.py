@@ -32,10 +32,11 @@ import time
 from itertools import zip_longest
 from pathlib import Path
 
+from .data.embedded import packaged_dir
 from .tokenizer_eval import FERTILITY_LANGS
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "align", "eval", "export", "cards", "chat")
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = packaged_dir("recipes", "recipes")  # recipes/ of the checkout, or apertus/recipes in a wheel
 SYSTEM = "Solve the problem."
 CHATS = [
     [{"role": "system", "content": SYSTEM},

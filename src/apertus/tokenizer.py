@@ -1,9 +1,10 @@
 """Byte-level BPE tokenizers with the Apertus special-token layout, on Hugging Face `tokenizers`.
 
 Three ways to get one, all giving the same `tokenizer.json` format and the same ids 0-999:
-- `apertus_tokenizer_path()`: the released Apertus tokenizer (embedded data, else rebuilt from `mistral-common`).
+- `apertus_tokenizer_path()`: the released Apertus tokenizer (fetched, or in $APERTUS_DATA, else rebuilt from
+  `mistral-common` once into ~/.cache/apertus).
 - `rebuild_apertus(out_dir)`: the byte-identical rebuild from the tekken vocabulary (recipe in
-  `data/apertus_tokenizer/README.md`), checked against the released sha256.
+  `data/apertus_tokenizer/README.md` in the repository), checked against the released sha256.
 - `train_tokenizer(texts, vocab_size, out_dir)`: a new BPE trained on a corpus, same pre-tokenizer and specials.
 """
 
@@ -216,13 +217,14 @@ def rebuild_apertus(out_dir, chat_template: str | None = None) -> Path:
 
 
 def apertus_tokenizer_path() -> Path:
-    """The released tokenizer.json: the embedded copy, else one rebuilt once into ~/.cache/apertus."""
-    from .config import data_root
+    """The released tokenizer.json: one in the data folder (`$APERTUS_DATA`, or put there by `apertus data fetch
+    apertus_tokenizer`), else one rebuilt from mistral-common once into ~/.cache/apertus (hash-checked)."""
+    from .data.embedded import cache_root, data_root
 
-    embedded = data_root() / "apertus_tokenizer" / "tokenizer.json"
-    if embedded.is_file():
-        return embedded
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apertus" / "apertus_tokenizer"
+    in_data = data_root() / "apertus_tokenizer" / "tokenizer.json"
+    if in_data.is_file():
+        return in_data
+    cache = cache_root() / "apertus_tokenizer"
     if (cache / "tokenizer.json").is_file():
         return cache / "tokenizer.json"
     return rebuild_apertus(cache)

@@ -23,7 +23,8 @@ def read_udhr(root=None, limit: int | None = None) -> dict[str, str]:
     round-robin across scripts so a small sample still covers many writing systems."""
     root = Path(root) if root else data_root() / "udhr"
     if not root.is_dir():
-        raise FileNotFoundError(f"UDHR corpus not found at {root}")
+        raise FileNotFoundError(f"UDHR corpus not found at {root} (it is embedded: unset APERTUS_DATA, or point it "
+                                "at a folder holding udhr/)")
     stage = {e.get("f"): e.get("stage") for e in ET.parse(root / "index.xml").getroot()}
     texts = {}
     for file in sorted(root.glob("udhr_*.xml")):
@@ -58,7 +59,8 @@ def read_flores(root=None, splits: tuple[str, ...] = ("dev", "test")) -> dict[st
     languages."""
     root = Path(root) if root else data_root() / "sib200" / "annotated"
     if not root.is_dir():
-        raise FileNotFoundError(f"FLORES/SIB-200 corpus not found at {root}")
+        raise FileNotFoundError(f"FLORES/SIB-200 corpus not found at {root} (it is embedded: unset APERTUS_DATA, or "
+                                "point it at a folder holding sib200/)")
     texts = {}
     for lang in sorted(p for p in root.iterdir() if p.is_dir()):
         lines = []

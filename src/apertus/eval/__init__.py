@@ -1,7 +1,7 @@
 """Evaluation: bits-per-byte, multiple choice and generative tasks, the memorization audit, the lm-eval adapter.
 
     loglik.py        the network's scores: batched log-likelihoods with shared prefixes, rolling NLL
-    tasks.py         the datasets of ../shared/data as multiple-choice documents and bits-per-byte corpora
+    tasks.py         the embedded datasets (data/) as multiple-choice documents and bits-per-byte corpora
     generative.py    GSM8K / MGSM exact match through the inference engine
     suite.py         `apertus eval MODEL --tasks ...`: runs tasks, aggregates, writes the report
     report.py        JSON + markdown table + PNG charts

@@ -5,7 +5,7 @@ the GSM8K train split, then the test question; generation stops at "Question:" o
 the same exemplars as a multi-turn chat (user question, assistant solution), as the Apertus report's "8-shot CoT
 multi-turn" protocol, rendered with the Apertus chat format and stopped at the chat stop tokens. MGSM asks its
 question in each of its 11 languages after the same English exemplars (the "EN-CoT" setting of Shi et al. 2022; the
-native exemplars of the MGSM repository are not part of ../shared/data).
+native exemplars of the MGSM repository are not part of the embedded data/mgsm).
 
 Two scores, exactly as lm-eval's GSM8K task: `exact_match` takes the last number-like match of the reply
 ("flexible-extract"), `strict_match` the number after "####"; both compare as strings after removing ",", "$",

@@ -1,4 +1,4 @@
-"""The evaluation data of ../shared/data as multiple-choice documents and bits-per-byte corpora.
+"""The evaluation data (the embedded corpora, data/) as multiple-choice documents and bits-per-byte corpora.
 
 Prompts follow lm-evaluation-harness 0.4 (`tasks/xcopa`, `tasks/xwinograd`, `tasks/piqa`): the same context strings,
 connectors and target delimiter, so our accuracies are comparable with the harness's. SIB-200 has no harness task;

@@ -37,7 +37,9 @@ def _resolve(path: str | Path) -> Path:
         for candidate in (data_root() / p, data_root().parent / p):  # "gsm8k/train.jsonl", "data/gsm8k/..."
             if candidate.exists():
                 return candidate
-        raise FileNotFoundError(f"{path}: chat data file not found")
+        corpus = p.parts[1] if p.parts[0] == "data" and len(p.parts) > 1 else p.parts[0]
+        raise FileNotFoundError(f"{path}: chat data file not found (as given, or in {data_root()}); if it is part of "
+                                f"the data set '{corpus}', run `apertus data fetch {corpus}`")
     return p
 
 
