@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded data (apertus.data.embedded) and the real Apertus tokenizer (rebuilt from
+"""Shared fixtures: the embedded data (apertus.embedded) and the real Apertus tokenizer (rebuilt from
 mistral-common once per machine, or $APERTUS_DATA's copy; local files only, no hub)."""
 
 import os

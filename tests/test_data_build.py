@@ -18,6 +18,7 @@ from data_helpers import text_of, tiny_tokenizer, write_jsonl
 from apertus.data import shards as shards_mod
 from apertus.data.pipeline import build, load_recipe
 from apertus.data.shards import read_index
+from apertus.util import sha256_file
 
 ROBOTS = {"gpt.example": "User-agent: GPTBot\nDisallow: /\n", "star.example": "User-agent: *\nDisallow: /private/\n"}
 
@@ -107,7 +108,7 @@ def test_shards_index_and_manifest(built):
     assert m["dtype"] == "uint16" and m["tokenizer"]["bos_id"] == 1 and m["tokenizer"]["eos_id"] == 2
     index = read_index(out).to_pylist()
     for s in m["shards"]:
-        assert shards_mod.sha256_file(out / s["path"]) == s["sha256"]
+        assert sha256_file(out / s["path"]) == s["sha256"]
     for d in index[:40]:
         toks = np.fromfile(out / d["shard"], dtype=np.uint16)[d["offset"]: d["offset"] + d["n_tokens"]]
         assert toks[0] == 1 and toks[-1] == 2 and 2 not in toks[1:-1]

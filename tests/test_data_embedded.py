@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from apertus.data import embedded as E
+from apertus import embedded as E
+from apertus.util import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -39,13 +40,13 @@ def test_package_templates_are_the_embedded_released_ones():
     templates = sorted((ROOT / "src" / "apertus" / "templates").glob("*.jinja"))
     assert [t.name for t in templates] == sorted(n for n in sums if n.endswith(".jinja"))
     for t in templates:
-        assert E.sha256_file(t) == sums[t.name], t.name
+        assert sha256_file(t) == sums[t.name], t.name
 
 
 def test_unpack_checks_files_and_keeps_what_fetch_added(tmp_path):
     src = DATA / "xcopa"
     dest = E.unpack(src, tmp_path / "xcopa")
-    assert E.sha256_file(dest / "it" / "val.it.jsonl") == E.read_sums(src / E.SUMS)["it/val.it.jsonl"]
+    assert sha256_file(dest / "it" / "val.it.jsonl") == E.read_sums(src / E.SUMS)["it/val.it.jsonl"]
     assert (dest / "README.md").is_file() and not list(tmp_path.glob(".xcopa-*"))  # no temporary folder left
     (dest / "extra.txt").write_text("fetched")
     (dest / "it" / "val.it.jsonl").unlink()

@@ -15,6 +15,7 @@ from apertus.eval import suite
 from apertus.eval import tasks as T
 from apertus.eval.loglik import Scorer, rolling_windows, score_requests
 from apertus.tokenizer import Tokenizer
+from apertus.util import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_prompts_are_lm_evals(data_dir):
     from lm_eval.tasks.xcopa import utils as xcopa_utils
 
     for lang in T.XCOPA_CONNECTORS:
-        rows = T._read_jsonl(data_dir / "xcopa" / lang / f"test.{lang}.jsonl")[:20]
+        rows = list(read_jsonl(data_dir / "xcopa" / lang / f"test.{lang}.jsonl"))[:20]
         for row, doc in zip(rows, T.xcopa_docs(lang, root=data_dir), strict=False):
             ctx = getattr(xcopa_utils, f"doc_to_text_{lang}")(row)
             assert doc.pairs == [(ctx, " " + c) for c in xcopa_utils.doc_to_choice(row)]

@@ -12,6 +12,7 @@ import transformers
 from apertus.eval import suite
 from apertus.eval import tasks as T
 from apertus.eval.loglik import Scorer
+from apertus.util import read_jsonl
 
 os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"  # the tasks read local files only
 
@@ -64,11 +65,11 @@ def task_dir(tmp_path_factory, data_dir):
     """Three custom tasks: XCOPA-it as the harness prompts it, bits-per-byte on FLORES German sentences and a
     generative GSM8K."""
     d = tmp_path_factory.mktemp("lm_eval_tasks")
-    rows = T._read_jsonl(data_dir / "xcopa" / "it" / "test.it.jsonl")[:16]
+    rows = list(read_jsonl(data_dir / "xcopa" / "it" / "test.it.jsonl"))[:16]
     (d / "xcopa_it.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     texts = T.flores_texts("deu_Latn", root=data_dir)[:12]
     (d / "flores.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    rows = T._read_jsonl(data_dir / "gsm8k" / "test.jsonl")[:3]
+    rows = list(read_jsonl(data_dir / "gsm8k" / "test.jsonl"))[:3]
     (d / "gsm8k.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (d / "gsm8k_local.yaml").write_text(GSM8K_YAML.format(data=d / "gsm8k.jsonl"))
     (d / "xcopa_it_local.yaml").write_text(XCOPA_YAML.format(data=d / "xcopa_it.jsonl"))

@@ -1,6 +1,7 @@
 """The import graph of src/apertus: no cycle, no private name taken from another module, and imports that only go
-down the pipeline: config → model → checkpoint / tokenizer / chat → data → train → infer / eval → compliance →
-speedrun → cli.
+down the layers: util / embedded → config → model → checkpoint / tokenizer / chat → data → compliance → infer →
+eval / train → speedrun → cli. The engine sits below training because QRPO samples its rollouts with it; the run manifests
+(compliance) sit below training because every training run writes one.
 
 Every import counts, at module level or inside a function (a deferred import still ties the two modules together).
 Importing a submodule does not count as importing its package's __init__ (Python runs it, but that is the package
@@ -18,42 +19,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # The layers, lowest first: a module may import from its own layer or lower ones, never from a higher one.
 LAYERS = [
-    ["apertus.util"],
+    ["apertus.util", "apertus.embedded"],
     ["apertus.config"],
     ["apertus.model"],
     ["apertus", "apertus.checkpoint", "apertus.tokenizer", "apertus.chat", "apertus.chat_sft", "apertus.chat_template",
      "apertus.tokenizer_eval", "apertus.export_gguf"],
     ["apertus.data"],
-    ["apertus.train"],
-    ["apertus.infer", "apertus.eval"],
     ["apertus.compliance"],
+    ["apertus.infer"],
+    ["apertus.eval", "apertus.train"],
     ["apertus.speedrun", "apertus.speedrun_report"],
     ["apertus.cli"],
 ]
-
-# Known violations, to be removed by the restructuring (issue 18) now under way in train/, the CLI, the speedrun
-# and the shared chores; the list must end up empty. Each entry is one exact edge (importer, imported).
-ALLOWED_CYCLE_EDGES = {
-    ("apertus.train.sft", "apertus.train.qrpo"),  # sft dispatches kind = "align" to qrpo, which builds on sft
-    ("apertus.speedrun", "apertus.cli"),  # the speedrun drives stages through cli.main argument strings
-    ("apertus.speedrun_report", "apertus.speedrun"),  # the report takes a constant from the speedrun
-}
-ALLOWED_PRIVATE = {  # (importer, imported module, name)
-    ("apertus.train.pretrain", "apertus.train.loop", "_to"),
-    ("apertus.train.sft", "apertus.train.loop", "_to"),
-    ("apertus.train.qrpo", "apertus.train.recipe", "_check"),
-    ("apertus.train.sft", "apertus.train.recipe", "_check"),
-    ("apertus.train.sft", "apertus.train.recipe", "_table"),
-    ("apertus.train.sft", "apertus.compliance.manifest", "_expand"),
-    ("apertus.eval.memorization", "apertus.eval.report", "_atomic_write"),
-}
-ALLOWED_LAYER_EDGES = {  # (importer, imported) going up the layers
-    ("apertus.speedrun", "apertus.cli"),  # also a cycle, above
-    ("apertus.train.pretrain", "apertus.compliance.manifest"),  # run records: to go to the shared chores module
-    ("apertus.train.sft", "apertus.compliance.manifest"),
-    ("apertus.train.qrpo", "apertus.infer"),  # rollouts and the judge reward sample with the inference engine
-    ("apertus.train.rewards", "apertus.infer"),
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -149,9 +126,8 @@ def layer(module: str) -> int:
 
 def test_no_import_cycles():
     edges = graph()
-    kept = {a: {b: line for b, line in bs.items() if (a, b) not in ALLOWED_CYCLE_EDGES} for a, bs in edges.items()}
-    found = cycles(kept)
-    detail = [" -> ".join(c) + ": " + ", ".join(f"{a} imports {b} (line {kept[a][b]})" for a in c for b in kept[a]
+    found = cycles(edges)
+    detail = [" -> ".join(c) + ": " + ", ".join(f"{a} imports {b} (line {edges[a][b]})" for a in c for b in edges[a]
                                                   if b in c) for c in found]
     assert not found, "import cycles:\n" + "\n".join(detail)
 
@@ -161,8 +137,7 @@ def test_no_private_names_across_modules():
     for name, file in MODULES.items():
         for target, names, line in imports(name, file):
             for n in names:
-                if n.startswith("_") and not n.startswith("__") and target != name \
-                        and (name, target, n) not in ALLOWED_PRIVATE:
+                if n.startswith("_") and not n.startswith("__") and target != name:
                     found.append(f"{file.relative_to(SRC)}:{line}: {n} from {target}")
     assert not found, "private names imported from another module (make them public helpers):\n" + "\n".join(found)
 
@@ -170,18 +145,8 @@ def test_no_private_names_across_modules():
 def test_imports_go_down_the_layers():
     found = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)}), line {line}"
              for a, bs in graph().items() for b, line in bs.items()
-             if layer(b) > layer(a) and (a, b) not in ALLOWED_LAYER_EDGES]
+             if layer(b) > layer(a)]
     assert not found, "imports going up the layers:\n" + "\n".join(found)
-
-
-def test_allow_lists_hold_only_edges_that_exist():
-    """An entry whose import is gone must leave the list (so it shrinks to empty)."""
-    edges = graph()
-    stale = [e for e in ALLOWED_CYCLE_EDGES | ALLOWED_LAYER_EDGES if e[1] not in edges.get(e[0], {})]
-    taken = {(name, target, n) for name, file in MODULES.items() for target, names, _ in imports(name, file)
-             for n in names}
-    stale += sorted(ALLOWED_PRIVATE - taken)
-    assert not stale, f"allow-list entries for imports that no longer exist: {stale}"
 
 
 @pytest.mark.parametrize("source, expected", [

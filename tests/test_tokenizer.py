@@ -13,11 +13,11 @@ from apertus.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     apertus_tokenizer_path,
-    sha256_file,
     tiny_tokenizer,
     train_tokenizer,
 )
 from apertus.tokenizer_eval import fertility, gini, read_flores, read_udhr
+from apertus.util import sha256_file
 
 # data/apertus_tokenizer/README.md (with the post-processor's BOS)
 VECTORS = [

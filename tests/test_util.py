@@ -21,6 +21,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
         atomic_write(target, failing)
     assert target.read_bytes() == b"old\r\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left behind
+    assert atomic_write_text(tmp_path / "new" / "b.txt", "x").read_text() == "x"  # parent folders are created
 
 
 def test_json_round_trip_and_jsonl_errors_name_the_line(tmp_path):

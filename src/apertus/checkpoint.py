@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from .config import PRESETS, ApertusConfig, load_config, preset
 from .model import Apertus, build_model
+from .util import atomic_write_json
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -222,9 +223,10 @@ def save_model(model: Apertus, path: str | os.PathLike, dtype: torch.dtype | str
             save_file(shard, tmp / name, metadata=meta)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(v.numel() * v.element_size() for v in state.values())
-        _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(tmp / "config.json", model.config.to_hf_dict(DTYPE_NAMES[dtype]))
-    _write_json(tmp / "generation_config.json", generation_config(model.config, instruct))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_json(tmp / "model.safetensors.index.json", index, indent=2)
+    atomic_write_json(tmp / "config.json", model.config.to_hf_dict(DTYPE_NAMES[dtype]), indent=2)
+    atomic_write_json(tmp / "generation_config.json", generation_config(model.config, instruct), indent=2)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     replace_dir(tmp, path)
@@ -238,6 +240,3 @@ def replace_dir(tmp: Path, path: Path):
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
-
-def _write_json(file: Path, obj) -> None:
-    file.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

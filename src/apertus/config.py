@@ -27,8 +27,8 @@ INIT_STD = 0.008944  # Megatron --init-method-std of both Apertus runs
 
 def data_root() -> Path:
     """Where corpora are read from: $APERTUS_DATA, else the user cache holding the embedded corpora (unpacked on first
-    use) and whatever `apertus data fetch` added (apertus.data.embedded)."""
-    from .data.embedded import data_root as root
+    use) and whatever `apertus data fetch` added (apertus.embedded)."""
+    from .embedded import data_root as root
 
     return root()
 

@@ -26,14 +26,14 @@ OUT/speedrun.json records the seconds and tokens of each stage; report.md is wri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from itertools import zip_longest
 from pathlib import Path
 
-from .data.embedded import packaged_dir
+from .embedded import packaged_dir
 from .tokenizer_eval import FERTILITY_LANGS
+from .util import atomic_write_json, hms
 
 STAGES = ("tokenizer", "data", "pretrain", "sft", "align", "eval", "export", "cards", "chat")
 RECIPES = packaged_dir("recipes", "recipes")  # recipes/ of the checkout, or apertus/recipes in a wheel
@@ -84,12 +84,6 @@ SMOKE = {
 
 
 # --- bookkeeping ------------------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path, default=None):
@@ -244,16 +238,11 @@ def stage_chat(out: Path, sizes: dict, run: Path) -> dict:
             rows.append({"messages": messages, "reply": req.text, "finish_reason": req.finish_reason,
                          "tokens": len(req.output_ids)})
             print(f"user: {messages[-1]['content']}\nassistant: {req.text.strip()}\n")
-    _write_json(out / "chats.json", rows)
+    atomic_write_json(out / "chats.json", rows)
     return {"tokens": sum(r["tokens"] for r in rows)}
 
 
 # --- the run ----------------------------------------------------------------------------------------------------------
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", stages: list[str] | None = None) -> Path:
@@ -283,7 +272,7 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
         if stages and folder.exists():  # an explicit rerun starts the stage afresh
             shutil.rmtree(folder)
         folder.mkdir(exist_ok=True)
-        print(f"\n== [{i}/{len(STAGES)}] {name}  (elapsed {_hms(time.time() - t_run)})", flush=True)
+        print(f"\n== [{i}/{len(STAGES)}] {name}  (elapsed {hms(time.time() - t_run)})", flush=True)
         t, fn = time.time(), globals()[f"stage_{name}"]
         # time spent in interrupted attempts counts too (the trainers resume from where those stopped)
         before = state.setdefault("interrupted", {}).pop(name, 0.0)
@@ -292,14 +281,14 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
             result = fn(folder, sizes, tokenizer) if name == "tokenizer" else fn(folder, sizes, run)
         except BaseException:
             state["interrupted"][name] = round(before + time.time() - t, 1)
-            _write_json(run / "speedrun.json", state)
+            atomic_write_json(run / "speedrun.json", state)
             raise
         result["seconds"] = round(before + time.time() - t, 1)
         state["stages"][name] = result
-        _write_json(run / "speedrun.json", state)
-        _write_json(folder / "DONE", result)
-        print(f"== {name} finished in {_hms(result['seconds'])} ({result['tokens']:,} tokens)", flush=True)
+        atomic_write_json(run / "speedrun.json", state)
+        atomic_write_json(folder / "DONE", result)
+        print(f"== {name} finished in {hms(result['seconds'])} ({result['tokens']:,} tokens)", flush=True)
     report = write_report(run)
     total = sum(s["seconds"] for s in state["stages"].values())
-    print(f"\nspeedrun finished: {_hms(total)} of stage time in all; report: {report}")
+    print(f"\nspeedrun finished: {hms(total)} of stage time in all; report: {report}")
     return report

@@ -7,25 +7,17 @@ results, chats.json), so the report can be regenerated at any time, also for a p
 from __future__ import annotations
 
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
+
+from .util import atomic_write, atomic_write_text, hms, read_jsonl
 
 PACKAGES = ("apertus", "torch", "transformers", "tokenizers", "datatrove", "gguf", "safetensors")
 
 
 def _read(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 60}:{s % 60:02d}"
 
 
 def _system() -> list[str]:
@@ -54,9 +46,9 @@ def _stage_table(state: dict) -> list[str]:
              "align": lambda r: "tokens of the preference pairs", "chat": lambda r: "tokens generated"}
     for name, r in state.get("stages", {}).items():
         note = notes.get(name, lambda r: "")(r)
-        rows.append(f"| {name} | {_hms(r['seconds'])} | {r.get('tokens', 0):,} | {note} |")
+        rows.append(f"| {name} | {hms(r['seconds'])} | {r.get('tokens', 0):,} | {note} |")
     total = sum(r["seconds"] for r in state.get("stages", {}).values())
-    rows.append(f"| **total** | **{_hms(total)}** | | |")
+    rows.append(f"| **total** | **{hms(total)}** | | |")
     return rows
 
 
@@ -92,7 +84,8 @@ def plot_losses(run: Path, png: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(name, _jsonl(run / name / "metrics.jsonl")) for name in ("pretrain", "sft", "align")]
+    metrics = {name: run / name / "metrics.jsonl" for name in ("pretrain", "sft", "align")}
+    panels = [(name, list(read_jsonl(f)) if f.is_file() else []) for name, f in metrics.items()]
     panels = [(n, rows) for n, rows in panels if any("loss" in r for r in rows)]
     if not panels:
         return False
@@ -115,10 +108,8 @@ def plot_losses(run: Path, png: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, png)
     return True
 
 
@@ -204,7 +195,5 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## Sample chats", ""] + _chats(run)
     lines += ["## Cards and exports", ""] + _links(run)
     out = run / "report.md"
-    tmp = out.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
+
+from .util import atomic_write_text, sha256_file
 
 # Ids 0-999 are reserved; these carry names, every other id n is `<SPECIAL_n>` (also 10 and 73).
 NAMED_SPECIALS = {
@@ -112,27 +113,12 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (+ chat_template.jinja) loadable by transformers."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "tokenizer.json", self.inner.to_str(pretty=True))
+        atomic_write_text(out / "tokenizer.json", self.inner.to_str(pretty=True))
         config = _INSTRUCT_CONFIG if chat_template is not None else _BASE_CONFIG
-        _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         if chat_template is not None:
-            _write_atomic(out / "chat_template.jinja", chat_template)
+            atomic_write_text(out / "chat_template.jinja", chat_template)
         return out
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, file)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -219,7 +205,7 @@ def rebuild_apertus(out_dir, chat_template: str | None = None) -> Path:
 def apertus_tokenizer_path() -> Path:
     """The released tokenizer.json: one in the data folder (`$APERTUS_DATA`, or put there by `apertus data fetch
     apertus_tokenizer`), else one rebuilt from mistral-common once into ~/.cache/apertus (hash-checked)."""
-    from .data.embedded import cache_root, data_root
+    from .embedded import cache_root, data_root
 
     in_data = data_root() / "apertus_tokenizer" / "tokenizer.json"
     if in_data.is_file():
@@ -289,7 +275,7 @@ def train_from_corpus(corpus: list[str], vocab_size: int, out_dir, *, min_freque
             "requested_vocab_size": vocab_size, "min_frequency": min_frequency,
             "tokenizer_sha256": sha256_file(Path(out_dir) / "tokenizer.json"),
             "seconds": round(time.perf_counter() - t0, 2)}
-    _write_atomic(Path(out_dir) / "training.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(Path(out_dir) / "training.json", json.dumps(meta, indent=2) + "\n")
     return tok, meta
 
 

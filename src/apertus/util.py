@@ -15,8 +15,10 @@ from pathlib import Path
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Calls `write(tmp)` to fill a temporary file beside `path`, then renames it over `path`. For writers that
-    take a file name (matplotlib, pyarrow, safetensors); the temporary file is removed if `write` fails."""
+    take a file name (matplotlib, pyarrow, safetensors); the temporary file is removed if `write` fails. Missing
+    parent folders are created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

@@ -19,7 +19,8 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-from .manifest import RUN_FILE, write_json_atomic
+from ..util import atomic_write_json, atomic_write_text
+from .manifest import RUN_FILE
 
 KIND_ORDER = ("align", "sft", "pretrain")  # the model a card describes: the last training stage present
 NOT_RECORDED = "not recorded in the run manifests"
@@ -484,10 +485,7 @@ def write_cards(run_dir: str | Path, out: str | Path | None = None, model_name: 
              "EU_PUBLIC_SUMMARY.md": eu_summary(t, name, provider or NOT_RECORDED, datasets, model_run)}
     written = {}
     for fname, text in files.items():
-        tmp = out / f".{fname}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / fname)
-        written[fname] = out / fname
-    write_json_atomic(out / "card_trace.json", {"root": str(root.resolve()), "entries": t.entries})
+        written[fname] = atomic_write_text(out / fname, text)
+    atomic_write_json(out / "card_trace.json", {"root": str(root.resolve()), "entries": t.entries})
     written["card_trace.json"] = out / "card_trace.json"
     return written

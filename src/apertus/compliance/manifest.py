@@ -17,7 +17,6 @@ run.json (format "apertus-run/1"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -26,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
+
+from ..util import atomic_write_json, sha256_file
 
 FORMAT = "apertus-run/1"
 RUN_FILE = "run.json"
@@ -120,13 +121,6 @@ def energy_estimate(wall_time_s: float | None, devices: int | None = None, devic
 
 # --- hashing --------------------------------------------------------------------------------------------------------
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def expand_artifacts(run_dir: Path, paths) -> list[Path]:
     files = []
@@ -161,12 +155,6 @@ def dataset_ref(dataset_dir: str | Path) -> dict:
 
 # --- writing --------------------------------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
-
 
 def write_run_manifest(run_dir: str | Path, kind: str, config: dict, seeds: dict, artifacts, *,
                        tokens: int | None = None, flops: float | None = None, wall_time: float | None = None,
@@ -194,7 +182,7 @@ def write_run_manifest(run_dir: str | Path, kind: str, config: dict, seeds: dict
     }
     if extra:
         manifest.update(extra)
-    write_json_atomic(run_dir / RUN_FILE, manifest)
+    atomic_write_json(run_dir / RUN_FILE, manifest)
     return manifest
 
 
@@ -219,7 +207,7 @@ def refresh_artifacts(run_dir: str | Path, event: dict) -> dict | None:
     files = [p for p in m["artifacts"] if "/" not in p and (run_dir / p).exists()]
     m["artifacts"] = hash_files(run_dir, expand_artifacts(run_dir, sorted(dirs) + files))
     m["history"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event})
-    write_json_atomic(run_dir / RUN_FILE, m)
+    atomic_write_json(run_dir / RUN_FILE, m)
     return m
 
 

@@ -29,7 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ..data.optout import AI_AGENTS, disallowed_agents, host_of, load_robots
-from .manifest import refresh_artifacts, write_json_atomic
+from ..util import atomic_write_json
+from .manifest import refresh_artifacts
 
 JOURNAL = "optout.journal.json"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -249,11 +250,11 @@ def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None
     write_index(kept, d / "documents.parquet.optout-tmp.parquet")
     renames.append(["documents.parquet.optout-tmp.parquet", "documents.parquet"])
     report_rel = _update_manifest(manifest, docs, found, kept, records, report, stamp)
-    write_json_atomic(d / "manifest.json.optout-tmp", manifest)
+    atomic_write_json(d / "manifest.json.optout-tmp", manifest)
     renames.append(["manifest.json.optout-tmp", "manifest.json"])
 
     _write_report(d, report, stamp)
-    write_json_atomic(d / JOURNAL, {"renames": renames, "deletes": deletes,
+    atomic_write_json(d / JOURNAL, {"renames": renames, "deletes": deletes,
                                     "event": {"event": "optout", "report": report_rel, **report["removed"]}})
     _finish_journal(d)
     return report
@@ -262,7 +263,7 @@ def apply_optout(dataset: str | Path, *, robots: str | Path | dict | None = None
 def _write_report(d: Path, report: dict, stamp: str) -> Path:
     (d / "optout").mkdir(exist_ok=True)
     path = d / "optout" / f"removal-{stamp}.json"
-    write_json_atomic(path, report)
+    atomic_write_json(path, report)
     return path
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import unicodedata
@@ -46,6 +45,7 @@ from ..data.pii import (
     iban_valid,
     luhn_valid,
 )
+from ..util import atomic_write_json
 
 try:  # the maximum width of a pattern, from the parser of `re` itself
     from re import _parser as _sre_parse
@@ -172,10 +172,7 @@ def write_hash_list(requests_file: str | Path, out: str | Path) -> dict:
     """Reads one request per line (blank lines skipped) and writes the salted hash list (atomically)."""
     lines = Path(requests_file).read_text(encoding="utf-8").splitlines()
     hl = make_hash_list(line for line in lines if line.strip())
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(hl, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, hl)
     return hl
 
 

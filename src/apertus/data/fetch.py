@@ -21,7 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .embedded import cache_root, sha256_file
+from ..embedded import cache_root
+from ..util import sha256_file
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _download(url: str, out: Path, size: int, progress: bool) -> None:
 
 def listing() -> str:
     """The fetchable names and the embedded corpora, one line each."""
-    from .embedded import embedded_corpora
+    from ..embedded import embedded_corpora
 
     lines = [f"{n:18s} {sum(f.size for f in c.files) / 1e6:6.1f} MB  {c.about}" for n, c in sorted(REGISTRY.items())]
     lines.append("embedded (unpacked on first use): " + ", ".join(embedded_corpora()))

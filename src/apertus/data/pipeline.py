@@ -28,6 +28,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from ..config import data_root, load_toml
+from ..util import atomic_write_json, atomic_write_text, sha256_file
 from .langid import LangID
 from .optout import AI_AGENTS, RobotsOptOut, load_robots
 from .readers import READERS
@@ -36,12 +37,11 @@ from .shards import (
     assign_val,
     encode_docs,
     load_tokenizer,
-    sha256_file,
     token_dtype,
     write_index,
     write_shards,
 )
-from .steps import Funnel, Ingest, LanguageFilter, PIIStep, SaveFunnel, Tracked, quality_filter, write_json_atomic
+from .steps import Funnel, Ingest, LanguageFilter, PIIStep, SaveFunnel, Tracked, quality_filter
 from .toxicity import ToxicityCut, ToxicityScore, thresholds
 
 STEP_KEYS = {"langid", "quality", "optout", "pii", "toxicity", "dedup"}
@@ -323,9 +323,7 @@ class Finalize(PipelineStep):
         shards = write_shards(docs, tokens_of, out, ds["seed"], ds["shard_tokens"], dtype)
         write_index(docs, out / "documents.parquet")
         if probes:
-            tmp = out / "probes.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes), encoding="utf-8")
-            os.replace(tmp, out / "probes.jsonl")
+            atomic_write_text(out / "probes.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
         funnel = Funnel.load_folder(w / "funnel")
         for d in docs:
             if d.get("kind") != "probe":
@@ -370,7 +368,7 @@ class Finalize(PipelineStep):
             "funnel": {"rows": funnel.rows(), "by_source": funnel.summary("source"),
                        "by_language": funnel.summary("language")},
         }
-        write_json_atomic(out / "manifest.json", manifest)
+        atomic_write_json(out / "manifest.json", manifest)
 
 
 def np_name(dtype) -> str:
@@ -424,7 +422,7 @@ def build(recipe: dict | str | Path, out: str | Path, *, tasks: int | None = Non
             raise ValueError(f"{out} holds a build of a different recipe; choose another --out or delete it")
     elif (out / "manifest.json").exists():
         raise ValueError(f"{out} holds a finished dataset of an unknown recipe; choose another --out")
-    write_json_atomic(stamp, {"fingerprint": _fingerprint(r), "recipe": r})
+    atomic_write_json(stamp, {"fingerprint": _fingerprint(r), "recipe": r})
     if r["executor"]["kind"] == "local":
         from loguru import logger
 
@@ -452,7 +450,7 @@ def build(recipe: dict | str | Path, out: str | Path, *, tasks: int | None = Non
     if timings:
         manifest["build"] = {"seconds": round(time.time() - t0, 2), "phases": timings,
                              "tasks": r["executor"]["tasks"], "workers": r["executor"]["workers"]}
-        write_json_atomic(out / "manifest.json", manifest)
+        atomic_write_json(out / "manifest.json", manifest)
     if not keep_work:
         for sub in ("filtered", "parts", "dedup"):
             shutil.rmtree(w / sub, ignore_errors=True)

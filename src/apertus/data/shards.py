@@ -22,6 +22,8 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.batching import batched
 
+from ..util import atomic_write
+
 INDEX_COLUMNS = ("id", "source", "kind", "language", "split", "url", "sha256", "shard", "offset", "n_tokens",
                  "n_bytes", "lid_language", "lid_score", "toxicity", "exposure")
 
@@ -166,9 +168,7 @@ def write_index(docs: list[dict], path: Path) -> None:
     types = {"offset": pa.int64(), "n_tokens": pa.int64(), "n_bytes": pa.int64(), "lid_score": pa.float64(),
              "toxicity": pa.float64(), "exposure": pa.int64()}
     table = pa.table({c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_index(dataset_dir: str | Path, columns=None):
@@ -177,10 +177,3 @@ def read_index(dataset_dir: str | Path, columns=None):
 
     return pq.read_table(Path(dataset_dir) / "documents.parquet", columns=columns)
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -4,7 +4,6 @@ documents/tokens/bytes in, dropped or changed per step and reason, and out."""
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
 from datatrove.utils.batching import batched
 
+from ..util import atomic_write_json
 from .langid import LangID
 from .pii import anonymize
 
@@ -61,14 +61,6 @@ class Funnel:
         return out
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 class SaveFunnel(PipelineStep):
     """Last step of a phase: passes documents through, then writes this task's funnel (atomically)."""
 
@@ -83,7 +75,7 @@ class SaveFunnel(PipelineStep):
         self.funnel.counts.clear()  # runs before any upstream step pulls a document: a clean slate per task
         if data is not None:
             yield from data
-        write_json_atomic(Path(self.folder) / f"{rank:05d}.json", self.funnel.rows())
+        atomic_write_json(Path(self.folder) / f"{rank:05d}.json", self.funnel.rows())
 
 
 class Ingest(PipelineStep):

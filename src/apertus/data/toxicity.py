@@ -17,8 +17,8 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
+from ..util import atomic_write_json
 from .langid import macro, words
-from .steps import write_json_atomic
 
 # SPEC §5: the languages Apertus scored for toxicity.
 APERTUS_LANGUAGES = ("eng", "zho", "fra", "deu", "ita", "nld", "pol", "spa", "por")
@@ -147,7 +147,7 @@ class ToxicityScore(PipelineStep):
                     d.metadata["toxicity"] = s
                     scores.setdefault(lang, []).append(s)
             yield from batch
-        write_json_atomic(Path(self.folder) / f"{rank:05d}.json", scores)
+        atomic_write_json(Path(self.folder) / f"{rank:05d}.json", scores)
 
 
 def thresholds(folder: str | Path, drop_top: float = 0.05, min_docs: int = 20) -> dict[str, float]:

@@ -19,6 +19,7 @@ import random
 import re
 
 from ..chat import STOP_IDS, encode_chat
+from ..util import read_jsonl
 from . import tasks as T
 
 MGSM_LANGS = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -31,13 +32,13 @@ CHAT_DATE = "2025-09-02"  # the chat format's system message carries a date: fix
 
 
 def gsm8k_docs(split: str = "test", root=None) -> list[dict]:
-    rows = T._read_jsonl(T._root(root) / "gsm8k" / f"{split}.jsonl")
+    rows = list(read_jsonl(T.corpus_root(root) / "gsm8k" / f"{split}.jsonl"))
     return [{"question": r["question"], "solution": r["answer"], "target": r["answer"].split("####")[-1].strip()}
             for r in rows]
 
 
 def mgsm_docs(lang: str, root=None) -> list[dict]:
-    with open(T._root(root) / "mgsm" / f"mgsm_{lang}.tsv", encoding="utf-8") as f:
+    with open(T.corpus_root(root) / "mgsm" / f"mgsm_{lang}.tsv", encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
     return [{"question": q, "target": a} for q, a in rows]
 

@@ -173,9 +173,9 @@ def plot(tables: dict[str, dict], path, metric: str = "rouge_l") -> None:
     ax.legend(fontsize=8)
     ax.set_title("Extraction of inserted probes by exposure count")
     fig.tight_layout()
-    from .report import _atomic_write
+    from ..util import atomic_write
 
-    _atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -199,11 +199,12 @@ def audit(model, probes_path, *, out=None, prefix: int = 32, suffix: int = 32, t
                         "top_p": top_p, "temperature_nucleus": 1.0, "seed": seed, "n_probes": len(kept)}
     result["markdown"] = markdown_table(result["table"], f"Memorization of {model}")
     if out is not None:
-        from .report import _atomic_write, write_json
+        from ..util import atomic_write
+        from .report import write_json
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "memorization.json", {k: v for k, v in result.items() if k != "markdown"})
-        _atomic_write(out / "memorization.md", lambda p: p.write_text(result["markdown"] + "\n", encoding="utf-8"))
+        atomic_write(out / "memorization.md", lambda p: p.write_text(result["markdown"] + "\n", encoding="utf-8"))
         plot({Path(str(model)).name: result["table"]}, out / "memorization.png")
     return result

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from ..util import atomic_write
 
 PRIMARY = ("acc", "exact_match", "bpb")  # the headline metric of a task, in this order of preference
 
@@ -14,14 +15,8 @@ def primary_metric(r: dict) -> str:
     return next(m for m in PRIMARY if m in r)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def _fmt(x: float, metric: str) -> str:
@@ -84,7 +79,7 @@ def charts(results: dict, out_dir: Path) -> list[Path]:
         ax.set_title(title)
         ax.legend(loc="best")
         fig.tight_layout()
-        _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+        atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
         written.append(path)
 
@@ -104,6 +99,6 @@ def write_report(results: dict, out_dir) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     md = markdown(results)
-    _atomic_write(out_dir / "results.md", lambda p: p.write_text(md + "\n", encoding="utf-8"))
+    atomic_write(out_dir / "results.md", lambda p: p.write_text(md + "\n", encoding="utf-8"))
     return {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
             "charts": charts(results, out_dir)}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..config import data_root
+from ..util import read_jsonl
 
 
 class MCDoc(NamedTuple):
@@ -41,20 +42,16 @@ SIB200_PROMPT = ("Topic classification. Possible topics: {labels}.\n"
                  "Topic:")
 
 
-def _root(root) -> Path:
+def corpus_root(root) -> Path:
+    """`root` if given, else where the embedded corpora are read from."""
     return Path(root) if root is not None else data_root()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def xcopa_docs(lang: str, split: str = "test", root=None) -> list[MCDoc]:
     """premise minus its final period + connector, then each choice with a lower-cased first letter."""
     cause, effect = XCOPA_CONNECTORS[lang]
     docs = []
-    for d in _read_jsonl(_root(root) / "xcopa" / lang / f"{split}.{lang}.jsonl"):
+    for d in read_jsonl(corpus_root(root) / "xcopa" / lang / f"{split}.{lang}.jsonl"):
         ctx = d["premise"].strip()[:-1] + " " + (cause if d["question"] == "cause" else effect)
         choices = [c[0].lower() + c[1:] for c in (d["choice1"], d["choice2"])]
         docs.append(MCDoc([(ctx, " " + c) for c in choices], int(d["label"]), choices))
@@ -69,7 +66,7 @@ def xwinograd_docs(lang: str, root=None) -> list[MCDoc]:
     """The harness's "partial evaluation": the sentence up to the pronoun with each candidate in its place is the
     context, the rest of the sentence (the same for both) the continuation."""
     docs = []
-    with open(_root(root) / "xwinograd" / "dataset.tsv", encoding="utf-8", newline="") as f:
+    with open(corpus_root(root) / "xwinograd" / "dataset.tsv", encoding="utf-8", newline="") as f:
         for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
             if row[0] != lang:
                 continue
@@ -89,21 +86,21 @@ def xwinograd_docs(lang: str, root=None) -> list[MCDoc]:
 
 
 def piqa_docs(root=None) -> list[MCDoc]:
-    base = _root(root) / "piqa"
+    base = corpus_root(root) / "piqa"
     labels = (base / "valid-labels.lst").read_text().split()
     docs = []
-    for d, label in zip(_read_jsonl(base / "valid.jsonl"), labels, strict=True):
+    for d, label in zip(read_jsonl(base / "valid.jsonl"), labels, strict=True):
         ctx, choices = f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]]
         docs.append(MCDoc([(ctx, " " + c) for c in choices], int(label), choices))
     return docs
 
 
 def sib200_langs(root=None) -> list[str]:
-    return sorted(p.name for p in (_root(root) / "sib200" / "annotated").iterdir() if p.is_dir())
+    return sorted(p.name for p in (corpus_root(root) / "sib200" / "annotated").iterdir() if p.is_dir())
 
 
 def _sib200_rows(lang: str, split: str, root) -> list[dict]:
-    path = _root(root) / "sib200" / "annotated" / lang / f"{split}.tsv"
+    path = corpus_root(root) / "sib200" / "annotated" / lang / f"{split}.tsv"
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     # the files are sorted by topic; FLORES order mixes topics, so a --limit prefix is not one topic
@@ -111,7 +108,7 @@ def _sib200_rows(lang: str, split: str, root) -> list[dict]:
 
 
 def sib200_docs(lang: str, split: str = "test", root=None) -> list[MCDoc]:
-    labels = (_root(root) / "sib200" / "labels.txt").read_text(encoding="utf-8").split()
+    labels = (corpus_root(root) / "sib200" / "labels.txt").read_text(encoding="utf-8").split()
     docs = []
     for row in _sib200_rows(lang, split, root):
         ctx = SIB200_PROMPT.format(labels=", ".join(labels), text=row["text"].strip())
@@ -173,7 +170,7 @@ def udhr_text(path: Path) -> tuple[str, str]:
 
 def udhr_corpus(root=None, complete_only: bool = True) -> dict[str, list[str]]:
     """language -> texts of its UDHR translations (stage-4, i.e. complete, ones by default)."""
-    base = _root(root) / "udhr"
+    base = corpus_root(root) / "udhr"
     complete = {e.get("f") for e in ET.parse(base / "index.xml").getroot().iter() if e.get("stage") == "4"}
     out: dict[str, list[str]] = {}
     for path in sorted(base.glob("udhr_*.xml")):

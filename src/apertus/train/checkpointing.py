@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..checkpoint import HUB_FILES, load_model, resolve_checkpoint_dir, save_model
+from ..util import atomic_write_json
 from .distributed import Dist, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -73,12 +74,6 @@ def _single_process_quiet():
         yield
 
 
-def _write_json(file: Path, obj):
-    tmp = file.with_name(file.name + ".part")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, file)
-
-
 def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, d: Dist, state: dict,
                     rank_state: dict | None = None, keep_last: int = 2, permanent_every: int = 0) -> Path:
     """Write checkpoint `step` under root (all ranks call this). `state`: JSON of rank 0; `rank_state`: per rank."""
@@ -92,11 +87,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, d: Dis
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    _write_json(tmp / f"rank{d.rank:05d}.json", {"rng": _rng_state(), **(rank_state or {})})
+    atomic_write_json(tmp / f"rank{d.rank:05d}.json", {"rng": _rng_state(), **(rank_state or {})})
     barrier()
     if d.main:
-        _write_json(tmp / "config.json", model.config.to_hf_dict())
-        _write_json(tmp / "state.json", dict(state, step=step))
+        atomic_write_json(tmp / "config.json", model.config.to_hf_dict())
+        atomic_write_json(tmp / "state.json", dict(state, step=step))
         if final.exists():  # the same step saved again (e.g. a rerun): the new write replaces it
             shutil.rmtree(final)
         os.rename(tmp, final)

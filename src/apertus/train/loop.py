@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..util import hms
 from .checkpointing import load_checkpoint, resume_point, save_checkpoint
 from .distributed import Dist, all_reduce_sum, barrier, clip_grad_norm_
 
@@ -235,7 +236,7 @@ def _accumulate(model, source, loss_fn, cfg: LoopConfig, d: Dist, autocast, stop
 def _log_line(cfg: LoopConfig, r: dict, eta: float) -> str:
     val = "".join(f" | {k[4:]} {v:.4f}" for k, v in r.items() if k.startswith("val/"))
     return (f"{cfg.name} step {r['step']}/{cfg.steps} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad "
-            f"{r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | ETA {_hms(eta)}{val}")
+            f"{r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | ETA {hms(eta)}{val}")
 
 
 def _validate(model, validate, autocast) -> dict:
@@ -251,7 +252,3 @@ def _main_thread() -> bool:
 
     return threading.current_thread() is threading.main_thread()
 
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -202,11 +202,12 @@ def parent_runs(init_from: str | None) -> list[Path]:
 def record_run(out: Path, kind: str, init_from: str | None, extra: list[str]):
     """run.json (compliance manifest) of the loop's files, plus this stage's own artifacts (data stats, rollouts,
     evaluation samples) hashed alongside."""
-    from ..compliance.manifest import expand_artifacts, hash_files, record_training_run, write_json_atomic
+    from ..compliance.manifest import expand_artifacts, hash_files, record_training_run
+    from ..util import atomic_write_json
 
     m = record_training_run(out, kind, parents=parent_runs(init_from))
     m["artifacts"].update(hash_files(out, expand_artifacts(out, [p for p in extra if (out / p).exists()])))
-    write_json_atomic(out / "run.json", m)
+    atomic_write_json(out / "run.json", m)
 
 
 def log(d: Dist, text: str):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ApertusConfig
+from ..util import atomic_write_text
 from .chat_data import prompt_of, read_sources
 from .distributed import Dist, barrier, init_distributed
 from .loop import train
@@ -399,9 +400,7 @@ def mean_reward(model_path, tok, recipe: AlignRecipe, prompts: list[dict], rewar
              for p, r in zip(owners, results, strict=True)]
     rows = [{"index": p["index"], "completion": r.text, "finish_reason": r.finish_reason, "tokens": len(r.output_ids),
              "reward": float(v)} for p, r, v in zip(owners, results, reward(items), strict=True)]
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     n = max(len(rows), 1)
     return {"mean_reward": sum(r["reward"] for r in rows) / n, "samples": len(rows),
             "ended_turn": sum(r["finish_reason"] == "stop" for r in rows) / n,

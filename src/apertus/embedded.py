@@ -18,6 +18,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from .util import sha256_file
+
 SUMS = "SHA256SUMS"
 MARKER = ".embedded"  # in an unpacked corpus: the sha256 of the SHA256SUMS it was unpacked from
 _checked: set[tuple[str, str]] = set()  # (folder, stamp) verified complete in this process
@@ -32,7 +34,7 @@ def packaged_dir(name: str, in_repo: str) -> Path:
     """A folder kept at the repository root (`data/`, `recipes/`) that a wheel carries inside the package
     (`apertus/corpora`, `apertus/recipes`; setup.py maps them): the package's copy if installed, else the checkout's
     (a source checkout, an editable install)."""
-    package = Path(__file__).resolve().parents[1]
+    package = Path(__file__).resolve().parent
     return package / name if (package / name).is_dir() else package.parents[1] / in_repo
 
 
@@ -50,14 +52,6 @@ def read_sums(path: Path) -> dict[str, str]:
             digest, name = line.split(maxsplit=1)
             out[name.lstrip("*")] = digest
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embedded_corpora() -> dict[str, Path]:
