@@ -1,7 +1,7 @@
 """The import graph of src/apertus: no cycle, no private name taken from another module, and imports that only go
 down the layers: util / embedded → config → model → checkpoint / tokenizer / chat → data → compliance → infer →
-eval / train → speedrun → cli. The engine sits below training because QRPO samples its rollouts with it; the run manifests
-(compliance) sit below training because every training run writes one.
+eval / train → speedrun → cli. The engine sits below training because QRPO samples its rollouts with it; the run
+manifests (compliance) sit below training because every training run writes one.
 
 Every import counts, at module level or inside a function (a deferred import still ties the two modules together).
 Importing a submodule does not count as importing its package's __init__ (Python runs it, but that is the package
