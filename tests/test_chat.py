@@ -311,7 +311,7 @@ def test_mask_covers_assistant_text_and_end_only(tok):
     assert "<|assistant_start|>" not in written and "temp" not in written and "Bern?" not in written
 
 
-# --- the reference vectors of SPEC §1.3 ------------------------------------------------------------------------------
+# --- the reference vectors of docs/recipe.md §1.3 ---------------------------------------------------------------------
 
 
 def test_spec_minimal_chat_ids(tok):

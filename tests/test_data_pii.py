@@ -214,7 +214,7 @@ def test_placeholders_are_apertus_special_tokens(apertus_tokenizer_json):
     text, counts = anonymize("mail jo@ex.com from 8.8.8.8 to DE89 3704 0044 0532 0130 00")
     assert counts == {"email": 1, "ip": 1, "iban": 1}
     ids = tok.encode(text, add_special_tokens=False).ids
-    assert {37, 38, 36} <= set(ids)  # <email-pii> 37, <ip-pii> 38, <iban-pii> 36 (SPEC §1.2)
+    assert {37, 38, 36} <= set(ids)  # <email-pii> 37, <ip-pii> 38, <iban-pii> 36 (docs/recipe.md §1.2)
 
 
 @pytest.mark.parametrize("kind", ["code", "math"])

@@ -1,6 +1,6 @@
-"""QRPO and DPO: the loss against hand computations of SPEC §6.2 (both log Z branches, the clamp), the direction of
-its gradients on a real model, quantile rewards and pair choice, rewards (rules, Python functions, a transformers
-reward model, the engine judge), and alignment end to end on CPU (mean held-out reward up after QRPO)."""
+"""QRPO and DPO: the loss against hand computations of docs/recipe.md §6.2 (both log Z branches, the clamp), the
+direction of its gradients on a real model, quantile rewards and pair choice, rewards (rules, Python functions, a
+transformers reward model, the engine judge), and alignment end to end on CPU (mean held-out reward up after QRPO)."""
 
 import json
 import math
@@ -22,8 +22,8 @@ from apertus.train.rewards import (
 
 
 def by_hand(r_q, logp, ref_logp, length, beta=5.0, max_beta=0.1):
-    """SPEC §6.2 for one completion, in plain floats: β_y = β/|y| clamped at max_beta; β log Z = β log β + 1 when
-    β <= 0.2, else β log β + β log(e^{1/β} − 1)."""
+    """docs/recipe.md §6.2 for one completion, in plain floats: β_y = β/|y| clamped at max_beta; β log Z = β log β + 1
+    when β <= 0.2, else β log β + β log(e^{1/β} − 1)."""
     b = beta / length
     if max_beta is not None:
         b = min(b, max_beta)
@@ -88,7 +88,7 @@ def test_gradients_push_high_quantile_completions_up_and_low_quantile_ones_down(
     with torch.no_grad():
         after = sequence_logps(model, batch)
     assert after[0] > ref[0] + 0.1 and after[1] < ref[1] - 0.1
-    # the gradient of the loss w.r.t. each log-prob has the sign SPEC §6.2 implies: −2β(R_q − β log Z − β·Δ)
+    # the gradient of the loss w.r.t. each log-prob has the sign docs/recipe.md §6.2 implies: −2β(R_q − β log Z − β·Δ)
     logps = ref.clone().requires_grad_(True)
     qrpo_losses(logps, ref, torch.tensor([1.0, 0.0]), torch.tensor([9.0, 9.0])).sum().backward()
     assert logps.grad[0] < 0 < logps.grad[1]

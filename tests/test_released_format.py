@@ -164,7 +164,7 @@ def test_apertus_serve_by_the_released_hub_id_answers_the_openai_client(hub_cach
 
 
 def count_params(c: dict) -> int:
-    """Parameters of an Apertus config, by the architecture's formula (SPEC §1.1): untied input and output
+    """Parameters of an Apertus config, by the architecture's formula (docs/recipe.md §1.1): untied input and output
     embeddings; per layer Q, K, V, O projections without biases, QK-norm weights (head_dim each), the non-gated
     xIELU MLP (up, down) with its two trainable scalars, and two RMSNorms; the final RMSNorm."""
     h, v, n_layers = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]

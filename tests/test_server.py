@@ -73,7 +73,7 @@ def hf_tok(apertus_tokenizer_dir):
 
 
 def reference_ids(hf_tok, messages, tools=None, **kw):
-    """Prompt ids by transformers on the released template, which reads flat tool specs (SPEC §1.3)."""
+    """Prompt ids by transformers on the released template, which reads flat tool specs (docs/recipe.md §1.3)."""
     kw.setdefault("add_generation_prompt", True)
     if tools:
         kw["tools"] = [t["function"] for t in tools]

@@ -235,12 +235,12 @@ def test_recipes_carry_the_spec_numbers(tmp_path):
     names = ("tiny", "apertus-8b", "apertus-70b")
     sft = {n: load_recipe(root / f"sft_{n}.toml", parse_sft_recipe, over, world_size=1) for n in names}
     align = {n: load_recipe(root / f"align_{n}.toml", parse_align_recipe, over, world_size=1) for n in names}
-    for n, lr, gbs in (("apertus-8b", 5e-6, 512), ("apertus-70b", 2e-6, 1024)):  # SPEC §6.1
+    for n, lr, gbs in (("apertus-8b", 5e-6, 512), ("apertus-70b", 2e-6, 1024)):  # docs/recipe.md §6.1
         r = sft[n]
         assert (r.optim.lr, r.train.batch_size, r.train.seq_len, r.train.epochs) == (lr, gbs, 4096, 1)
         assert r.optim.betas[:2] == [0.9, 0.999] and r.optim.alpha == 8 and r.optim.t_alpha == r.optim.t_beta3 == 0
         assert (r.optim.warmup_ratio, r.optim.weight_decay, r.train.grad_clip, r.data.packing) == (0.03, 0, 1.0, False)
-    for n, lr, gbs in (("apertus-8b", 5e-7, 512), ("apertus-70b", 1e-7, 1024)):  # SPEC §6.2
+    for n, lr, gbs in (("apertus-8b", 5e-7, 512), ("apertus-70b", 1e-7, 1024)):  # docs/recipe.md §6.2
         r = align[n]
         assert (r.optim.lr, r.train.batch_size, r.optim.betas, r.optim.warmup_ratio) == (lr, gbs, [0.9, 0.999, 0.99],
                                                                                          0.1)

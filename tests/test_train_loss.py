@@ -1,4 +1,4 @@
-"""Goldfish mask against a transcription of SPEC §3 (Python integers, explicit int64 wrap-around), the chunked
+"""Goldfish mask against a transcription of docs/recipe.md §3 (Python integers, explicit int64 wrap-around), the chunked
 cross-entropy against torch's, and bits-per-byte accounting against the real tokenizer."""
 
 import pytest
@@ -17,8 +17,8 @@ from apertus.train.loss import (
 
 
 def spec_goldfish_keep(labels: list[int], k: int, h: int, table: list[float]) -> list[bool]:
-    """SPEC §3 for one packed sample: key = int64 product (wrapping) of the h labels ending at j, mod table size;
-    drop j when table[key] < 1/k; the first h-1 positions are never dropped."""
+    """docs/recipe.md §3 for one packed sample: key = int64 product (wrapping) of the h labels ending at j, mod table
+    size; drop j when table[key] < 1/k; the first h-1 positions are never dropped."""
     keep = [True] * len(labels)
     for j in range(h - 1, len(labels)):
         prod = 1
@@ -56,7 +56,7 @@ def test_goldfish_apertus_setting_drops_one_in_k_deterministically():
     dropped = ~keep[:, 49:]
     # A window holding >= 64 factors of two has an int64 product of 0 (wrap-around): ~9% of random windows, ~11% of
     # real text. table[0] = 0.234 > 1/k, so those are never dropped and the overall rate is ~1.6-1.8%, not 2%. The
-    # hash behaves as SPEC §3 (and Megatron) has it; among the other windows the rate is 1/k.
+    # hash behaves as docs/recipe.md §3 (and Megatron) has it; among the other windows the rate is 1/k.
     zero = labels.unfold(-1, 50, 1).prod(-1) == 0
     assert 0.05 < zero.float().mean() < 0.15 and not dropped[zero].any()
     assert abs(dropped[~zero].float().mean().item() - 1 / 50) < 0.002  # ~235k windows: within ~4 std

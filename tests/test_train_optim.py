@@ -1,5 +1,5 @@
-"""AdEMAMix against a direct transcription of the paper's algorithm (SPEC §2.1), the WSD schedule against
-hand-computed values (SPEC §2.2), and the weight-decay parameter groups."""
+"""AdEMAMix against a direct transcription of the paper's algorithm (docs/recipe.md §2.1), the WSD schedule against
+hand-computed values (docs/recipe.md §2.2), and the weight-decay parameter groups."""
 
 import math
 
@@ -13,7 +13,7 @@ from apertus.train.optim import AdEMAMix, alpha_at, beta3_at, build_optimizer, p
 
 def paper_ademamix(params, grads_per_step, lr, betas, alpha, T_alpha, T_beta3, eps, wds):
     """Algorithm 1 of arXiv:2409.03137 written out element by element (no foreach), with the α and β3 schedulers as
-    SPEC §2.1 gives them from the reference code (half-life interpolation, ln(β + 1e-8))."""
+    docs/recipe.md §2.1 gives them from the reference code (half-life interpolation, ln(β + 1e-8))."""
 
     def half_life(b):
         return math.log(0.5) / math.log(b + 1e-8) - 1
@@ -90,7 +90,7 @@ def test_warmup_schedulers_match_spec_values():
         a = t / T
         paper = math.exp(math.log(0.9) * math.log(0.9999) / ((1 - a) * math.log(0.9999) + a * math.log(0.9)))
         assert beta3_at(t, 0.9, 0.9999, T) == pytest.approx(paper, abs=1e-6)
-    # SPEC §2.1 (derived): β1 0.9 -> β3 0.9999 gives 0.9909 at 1% of T, 0.9990 at 10%, 0.9998 at 50%
+    # docs/recipe.md §2.1 (derived): β1 0.9 -> β3 0.9999 gives 0.9909 at 1% of T, 0.9990 at 10%, 0.9998 at 50%
     assert round(beta3_at(T // 100, 0.9, 0.9999, T), 4) == 0.9909
     assert round(beta3_at(T // 10, 0.9, 0.9999, T), 4) == 0.9990
     assert round(beta3_at(T // 2, 0.9, 0.9999, T), 4) == 0.9998

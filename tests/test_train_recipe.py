@@ -1,5 +1,5 @@
-"""Recipes: errors that name the key, the reference recipes' plan (SPEC §4 numbers), stage switches (data seed,
-batch size, RoPE θ, constant-LR warmup), checkpoint pruning, the `apertus train` / `apertus export` commands."""
+"""Recipes: errors that name the key, the reference recipes' plan (docs/recipe.md §4 numbers), stage switches (data
+seed, batch size, RoPE θ, constant-LR warmup), checkpoint pruning, the `apertus train` / `apertus export` commands."""
 
 import json
 from pathlib import Path
@@ -62,7 +62,8 @@ def test_cli_reports_recipe_errors_in_one_line(tmp_path, capsys):
 def test_reference_recipes_plan_matches_spec(capsys):
     r8 = load_recipe(RECIPES / "apertus-8b.toml", world_size=128)
     starts = {s.name: s.start_tokens for s in r8.stages}
-    # SPEC §4.1/4.2: stage 3 at 7.038T (step 1,678,000, GBS doubled), stage 4 at 12.000T, stage 5 = cooldown at 13.345T
+    # docs/recipe.md §4.1/4.2: stage 3 at 7.038T (step 1,678,000, GBS doubled), stage 4 at 12.000T, stage 5 = cooldown
+    # at 13.345T
     assert starts["stage3"] == 1_678_000 * 1024 * 4096 == 7_038_042_112_000
     assert round(starts["stage4"] / 1e12, 3) == 12.000 and round(starts["stage5"] / 1e12, 3) == 13.346
     assert r8.stages[3].start_step + r8.stages[3].steps == 2_627_139  # total pretraining iterations

@@ -26,7 +26,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Fixed xIELU constants: some converters drop these buffers; their values are known.
 OPTIONAL_KEYS = ("mlp.act_fn.beta", "mlp.act_fn.eps")
-INSTRUCT_STOP_IDS = [2, 68, 72]  # </s>, <|assistant_end|>, <|tools_suffix|> (SPEC §1.2)
+INSTRUCT_STOP_IDS = [2, 68, 72]  # </s>, <|assistant_end|>, <|tools_suffix|> (docs/recipe.md §1.2)
 # What a checkpoint needs from a hub repository: weights (safetensors only, never pickles), configs, tokenizer files
 # and the chat template; a repository's other files (original/, *.bin, *.gguf, images) are never downloaded.
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",

@@ -1,7 +1,7 @@
 """Model configuration: one dataclass whose fields map 1:1 to a Hugging Face `config.json` of `model_type: apertus`.
 
-Presets carry the real shapes of Apertus-8B/70B (SPEC §1.1) and a tiny one for CPU demos and tests. Run recipes
-(data, training) are TOML files whose `[model]` table is this dataclass; `load_toml` is the one loader for them.
+Presets carry the real shapes of Apertus-8B/70B (docs/recipe.md §1.1) and a tiny one for CPU demos and tests. Run
+recipes (data, training) are TOML files whose `[model]` table is this dataclass; `load_toml` is the one loader for them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Released Apertus-2509 RoPE: θ 12M with llama3 NTK-by-parts scaling (SPEC §1.1).
+# Released Apertus-2509 RoPE: θ 12M with llama3 NTK-by-parts scaling (docs/recipe.md §1.1).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 INIT_STD = 0.008944  # Megatron --init-method-std of both Apertus runs

@@ -1,4 +1,4 @@
-"""The Apertus decoder in plain PyTorch (SPEC §1.1); tensor names are Hugging Face's so checkpoints map 1:1.
+"""The Apertus decoder in plain PyTorch (docs/recipe.md §1.1); tensor names are Hugging Face's so checkpoints map 1:1.
 
     x = embed_tokens(ids)
     per layer:  x = x + o_proj(attention(rope(qk_norm(q)), rope(qk_norm(k)), v))     (pre-norm: attention_layernorm)
@@ -37,7 +37,7 @@ def _softplus_inv(y: float) -> float:
 
 
 class XIELU(nn.Module):
-    """xIELU (Huang & Schlag 2024) with its two trainable scalars, softplus-parametrised (SPEC §1.1):
+    """xIELU (Huang & Schlag 2024) with its two trainable scalars, softplus-parametrised (docs/recipe.md §1.1):
     x > 0:  alpha_p·x² + beta·x        x <= 0:  alpha_n·(expm1(min(x, eps)) − x) + beta·x
     with alpha_p = softplus(a_p), alpha_n = beta + softplus(a_n), beta = 0.5 and eps = −1e-6 fixed buffers.
     """

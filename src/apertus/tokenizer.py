@@ -53,7 +53,8 @@ APERTUS_SHA256 = "bb201fb226cde11f66c3cf51c5344fb37b1611f00c21e75c324546d854eff2
 TEKKEN_FILE = "tekken_240718.json"  # inside the mistral-common wheel
 TEKKEN_TOKENS = 130_072  # 131,072 - 1000 specials
 
-# The released configs (SPEC §1.2): the base model adds BOS and no EOS; the instruct one ends turns with id 68.
+# The released configs (docs/recipe.md §1.2): the base model adds BOS and no EOS; the instruct one ends turns
+# with id 68.
 _BASE_CONFIG = {
     "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "bos_token": "<s>",
     "clean_up_tokenization_spaces": False, "eos_token": "</s>", "model_max_length": 65536, "pad_token": "<pad>",

@@ -404,7 +404,7 @@ def _eval_section(t: Trace, model_name: str, evals: list[Path], fm: dict) -> lis
 
 COMPLIANCE_SECTION = [
     "", "## Compliance", "",
-    "- Training data: robots.txt opt-out honoured retroactively (SPEC §5), PII replaced by placeholders "
+    "- Training data: robots.txt opt-out honoured retroactively (docs/recipe.md §5), PII replaced by placeholders "
     "(e-mail, IP, IBAN), toxic documents filtered per language, deduplication; details and counts in "
     "`DATA_CARD.md`.",
     "- Removal requests: `apertus optout apply` removes documents from the built data; `apertus optout check` "

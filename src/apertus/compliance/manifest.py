@@ -30,7 +30,7 @@ from ..util import atomic_write_json, sha256_file
 
 FORMAT = "apertus-run/1"
 RUN_FILE = "run.json"
-# Nominal board power for the energy estimate when none is given. GH200 module: the 560 W of SPEC §4.5.
+# Nominal board power for the energy estimate when none is given. GH200 module: the 560 W of docs/recipe.md §4.5.
 GPU_POWER_W = {"GH200": 560.0, "H200": 700.0, "H100": 700.0, "A100": 400.0}
 DEFAULT_GPU_POWER_W = 700.0
 CPU_POWER_PER_CORE_W = 10.0  # a rough per-core share of a server CPU's TDP

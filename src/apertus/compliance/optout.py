@@ -5,7 +5,7 @@
 hold one (the other documents' tokens are copied unchanged, in the same order), updates the index, manifest.json
 (shards, per-source counts, the funnel gains `optout_retro:<reason>` rows, an `optout` history) and run.json, and
 writes a removal report `optout/removal-<time>.json`. The robots.txt verdicts are those of the build-time filter
-(`apertus.data.optout`: SPEC §5's AI agents and `*`, protego).
+(`apertus.data.optout`: docs/recipe.md §5's AI agents and `*`, protego).
 
 The new files are written under temporary names and swapped in following a journal (`optout.journal.json`), so an
 interrupted removal is finished by the next `optout` command instead of leaving shards and index out of step.

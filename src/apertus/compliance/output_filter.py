@@ -1,4 +1,4 @@
-"""PII output filter for generation: the filter Apertus promised but did not ship (SPEC §9).
+"""PII output filter for generation: the filter Apertus promised but did not ship (docs/recipe.md §9).
 
 Redacts e-mail addresses, IBANs (ISO 13616 checksum, every registry length, or the printed form the Apertus data
 pipeline removed), payment-card numbers (Luhn), IPv4 addresses and phone numbers, with the placeholders of the data

@@ -1,5 +1,5 @@
-"""Retroactive robots.txt opt-out (SPEC §5): a document is dropped when its URL is disallowed, in the robots.txt
-snapshot of its host, for any AI crawler agent Apertus honoured (or for `*`). No snapshot for a host = keep.
+"""Retroactive robots.txt opt-out (docs/recipe.md §5): a document is dropped when its URL is disallowed, in the
+robots.txt snapshot of its host, for any AI crawler agent Apertus honoured (or for `*`). No snapshot for a host = keep.
 Parsing is done by `protego` (the parser the Apertus pipeline used)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from protego import Protego
 
-# swiss-ai/pretrain-data robots_filter.py `_DEFAULT_REMOVE_USER_AGENTS` (SPEC §5 lists the same, FacebookBot in code).
+# swiss-ai/pretrain-data robots_filter.py `_DEFAULT_REMOVE_USER_AGENTS` (docs/recipe.md §5 lists the same,
+# FacebookBot in code).
 AI_AGENTS = ("AI2Bot", "Applebot-Extended", "Bytespider", "CCBot", "CCBot/2.0", "CCBot/1.0", "ClaudeBot",
              "cohere-training-data-crawler", "Diffbot", "FacebookBot", "Meta-ExternalAgent", "Google-Extended",
              "GPTBot", "PanguBot", "*")
@@ -44,7 +45,7 @@ def disallowed_agents(url: str, robots_txt: str | None, agents=AI_AGENTS) -> lis
 
 
 def disallowed(url: str, robots_txt: str | None) -> bool:
-    """True when any AI crawler agent of SPEC §5, or `*`, may not fetch `url` according to `robots_txt`."""
+    """True when any AI crawler agent of docs/recipe.md §5, or `*`, may not fetch `url` according to `robots_txt`."""
     return bool(disallowed_agents(url, robots_txt))
 
 

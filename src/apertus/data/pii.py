@@ -1,5 +1,5 @@
-"""PII replacement as in the Apertus data pipeline (SPEC §5): emails, IPv4 addresses and IBANs become placeholder
-tokens that exist in the Apertus vocabulary (`<email-pii>` 37, `<ip-pii>` 38, `<iban-pii>` 36).
+"""PII replacement as in the Apertus data pipeline (docs/recipe.md §5): emails, IPv4 addresses and IBANs become
+placeholder tokens that exist in the Apertus vocabulary (`<email-pii>` 37, `<ip-pii>` 38, `<iban-pii>` 36).
 
 `APERTUS_*` are the regexes of swiss-ai/pretrain-data `pii_formatter.py`, verbatim. `anonymize(exact=True)` applies
 them exactly as that formatter does, byte for byte: per kind (email, then IP, then IBAN) it finds all matches, then

@@ -1,5 +1,5 @@
-"""Memorization probes (the role of Apertus's Gutenberg probes, SPEC §5): passages cut from a text the rest of the
-corpus does not contain, inserted into a host source's training stream with controlled exposure counts
+"""Memorization probes (the role of Apertus's Gutenberg probes, docs/recipe.md §5): passages cut from a text the rest of
+the corpus does not contain, inserted into a host source's training stream with controlled exposure counts
 (`exposures`, e.g. 1, 4, 16, 64 copies each), plus unexposed controls from the same text. Everything is recorded in
 `probes.jsonl` of the built dataset, so an evaluation can compare memorization of exposed vs control passages."""
 

@@ -1,5 +1,5 @@
-"""Tokenized shards: each document is `<s>` + text + `</s>` (SPEC §1.1), shards are flat little-endian token files
-(uint16 when the vocabulary fits, else uint32), and `documents.parquet` indexes every document (source, language,
+"""Tokenized shards: each document is `<s>` + text + `</s>` (docs/recipe.md §1.1), shards are flat little-endian token
+files (uint16 when the vocabulary fits, else uint32), and `documents.parquet` indexes every document (source, language,
 URL, sha256 of its text, split, shard, token offset, length). The order inside shards is a pure function of the seed
 and the documents, so a rebuild gives identical bytes and another seed the same documents in another order.
 

@@ -20,7 +20,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from ..util import atomic_write_json
 from .langid import macro, words
 
-# SPEC §5: the languages Apertus scored for toxicity.
+# docs/recipe.md §5: the languages Apertus scored for toxicity.
 APERTUS_LANGUAGES = ("eng", "zho", "fra", "deu", "ita", "nld", "pol", "spa", "por")
 GLIN_FILES = {"ara": "arabic", "zho": "chinese", "ces": "czech", "dan": "danish", "nld": "dutch", "eng": "english",
               "epo": "esperanto", "fin": "finnish", "fra": "french", "deu": "german", "hin": "hindi",

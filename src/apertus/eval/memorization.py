@@ -1,4 +1,4 @@
-"""The memorization audit (SPEC §7, Apertus report §5.4): does the model give back text it was trained on?
+"""The memorization audit (docs/recipe.md §7, Apertus report §5.4): does the model give back text it was trained on?
 
 The data pipeline inserts probe passages into the training stream with controlled exposure counts (1, 4, 16, 64
 copies; `probes.jsonl` of the built dataset, data/probes.py) plus unexposed controls cut from the same text. For each

@@ -1,4 +1,4 @@
-"""Pretraining (SPEC §2–§4): a recipe → model, optimizer, curriculum over a built dataset → the shared loop.
+"""Pretraining (docs/recipe.md §2–§4): a recipe → model, optimizer, curriculum over a built dataset → the shared loop.
 
     python -m apertus.train recipes/tiny.toml [--out DIR] [--set train.steps=100 ...] [--dry-run --gpus N]
     torchrun --nproc-per-node 8 -m apertus.train recipes/apertus-8b.toml
@@ -27,9 +27,9 @@ from .recipe import Recipe, Stage, load_recipe, loop_config, make_optimizer, pla
 class PretrainSource:
     """The micro-batches of each optimizer step, following the recipe's stages.
 
-    At a stage boundary the data stream restarts with the stage's data and seed (SPEC §4.2) when they or the sequence
-    length change, and the model's RoPE θ is set to the stage's (SPEC §4.4). `make_loader(stage)` returns an object
-    following the PackedLoader contract (CONTRACTS.md) that yields this rank's micro-batches.
+    At a stage boundary the data stream restarts with the stage's data and seed (docs/recipe.md §4.2) when they or the
+    sequence length change, and the model's RoPE θ is set to the stage's (docs/recipe.md §4.4). `make_loader(stage)`
+    returns an object following the PackedLoader contract (CONTRACTS.md) that yields this rank's micro-batches.
     """
 
     def __init__(self, recipe: Recipe, model, d: Dist, make_loader: Callable[[Stage], object]):

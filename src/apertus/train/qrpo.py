@@ -1,4 +1,5 @@
-"""Preference alignment with QRPO (SPEC §6.2), length-normalised DPO as the baseline, on the shared training loop.
+"""Preference alignment with QRPO (docs/recipe.md §6.2), length-normalised DPO as the baseline, on the shared training
+loop.
 
     apertus align recipes/align_tiny.toml [--out DIR] [--set loss.name="dpo" ...] [--nproc N]
 
@@ -119,7 +120,7 @@ class AlignData:
 
 @dataclass
 class Sampling:
-    n: int = 10  # reference samples per prompt (SPEC §6.2)
+    n: int = 10  # reference samples per prompt (docs/recipe.md §6.2)
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 512

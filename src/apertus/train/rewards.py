@@ -143,7 +143,7 @@ def model_reward(path: str, batch_size: int = 8, device: str | None = None):
 
 # --- an LLM judge through our engine ---------------------------------------------------------------------------------
 
-# A summary of the Swiss AI Charter's eleven articles (SPEC §6.2), for rating replies; not the charter's text.
+# A summary of the Swiss AI Charter's eleven articles (docs/recipe.md §6.2), for rating replies; not the charter's text.
 CHARTER_RUBRIC = """You judge the reply of an AI assistant by the principles of the Swiss AI Charter:
 1. Response quality: helpful, accurate, clear, complete for the request.
 2. Knowledge and reasoning: sound reasoning, honest about uncertainty, no invented facts.

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on the Apertus chat format (SPEC §6.1), on the shared training loop.
+"""Supervised fine-tuning on the Apertus chat format (docs/recipe.md §6.1), on the shared training loop.
 
     apertus sft recipes/sft_tiny.toml [--out DIR] [--set train.epochs=2 ...] [--nproc N]
     torchrun --nproc-per-node 8 -m apertus.train.sft recipes/sft_apertus-8b.toml
