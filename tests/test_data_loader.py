@@ -1,4 +1,4 @@
-"""PackedLoader against CONTRACTS.md: shifted labels, EoD loss mask, position ids restarting after EoD (checked
+"""PackedLoader against its batch contract: shifted labels, EoD loss mask, position ids restarting after EoD (checked
 with apertus.model.packed_position_ids and document_mask), rank slicing independent of world size, exact resume,
 determinism per seed, stage weights and the curriculum switch, and the val split."""
 

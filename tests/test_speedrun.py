@@ -2,7 +2,7 @@
 by a reader we did not write: the HF export by transformers (logits against ours), the GGUF by gguf-py's reader
 (architecture, tensor names and count, weights equal to the checkpoint's), the cards by a YAML parser.
 It runs from a copy of the repository with nothing beside it, $APERTUS_DATA unset and an empty cache, from another
-working directory: what a `git clone` gives a newcomer (issue 16).
+working directory: what a `git clone` gives a newcomer.
 """
 
 import json

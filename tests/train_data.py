@@ -1,4 +1,4 @@
-"""Batches for the training tests, following the PackedLoader contract of CONTRACTS.md without a built dataset.
+"""Batches for the training tests, following the batch contract of apertus.data.loader without a built dataset.
 
 Real text (tinyshakespeare speeches; UDHR articles in German, French, Italian and Romansh) is tokenised with the real
 Apertus tokenizer, each document as <s> + text + </s>; token ids are then renumbered densely (specials 0-3 kept), so

@@ -1,4 +1,10 @@
-"""PackedLoader: packed `seq_len` rows with document boundaries from a built dataset (CONTRACTS.md).
+"""PackedLoader: packed `seq_len` rows with document boundaries from a built dataset.
+
+The batch contract every training batch follows (the loss, the loop and the tests build on it): a dict of
+`input_ids` (B, T), `labels` (B, T) = the inputs shifted by one, `loss_mask` (B, T) false where the input is an
+end-of-document token (no loss on predicting across documents), and `position_ids` (B, T) restarting at 0 after
+every end-of-document token (Megatron's --reset-position-ids; `apertus.model.document_mask` turns them into the
+attention mask that keeps each document to itself).
 
 Each source is an endless token stream: its documents in a seeded order per epoch (seed, stage, source, epoch),
 epochs back to back. Row k of a source is stream[k*T : k*T + T + 1]. A stage mixes its sources by weight with

@@ -29,7 +29,7 @@ class PretrainSource:
 
     At a stage boundary the data stream restarts with the stage's data and seed (docs/recipe.md §4.2) when they or the
     sequence length change, and the model's RoPE θ is set to the stage's (docs/recipe.md §4.4). `make_loader(stage)`
-    returns an object following the PackedLoader contract (CONTRACTS.md) that yields this rank's micro-batches.
+    returns an object following the batch contract of apertus.data.loader that yields this rank's micro-batches.
     """
 
     def __init__(self, recipe: Recipe, model, d: Dist, make_loader: Callable[[Stage], object]):
