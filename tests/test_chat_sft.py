@@ -248,9 +248,9 @@ def _hf_template(template: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(data_dir):
+def hf_tokenizer(apertus_tokenizer_dir):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(data_dir / "apertus_tokenizer"))
+    return transformers.AutoTokenizer.from_pretrained(str(apertus_tokenizer_dir))
 
 
 ENCODE_CASES = {name: CASES[name] for name in ("user_gen", "system_then_turns", "developer_thinking", "tool_flow",
