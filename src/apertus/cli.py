@@ -58,7 +58,8 @@ def add_options(parser, target, options: dict, **defaults) -> None:
     own = defaults_of(target)
     for name, kw in options.items():
         default = defaults.get(name, own[name])
-        shown = "" if default in (None, False) or "default" in kw.get("help", "") else " (default %(default)s)"
+        unset = default is None or default is False
+        shown = "" if unset or "default" in kw.get("help", "") else " (default %(default)s)"
         parser.add_argument("--" + name.replace("_", "-"), default=default, **kw | {"help": kw.get("help", "") + shown})
 
 
