@@ -1,66 +1,108 @@
-"""The `apertus` command: parses arguments and calls the modules; no logic of its own."""
+"""The `apertus` command: the argument parser, and for each sub-command a few lines that call the module doing the work.
+
+Errors a user can fix (ValueError, FileNotFoundError, NotADirectoryError) end the command with one line on stderr and
+exit status 2, as argparse does for bad arguments. The training commands (train, sft, align) with --nproc N start
+themselves again as N processes through `apertus.train.distributed.launch` (torchrun), which reparses
+`args.entry`, the command line this parser read.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import sys
 
+MODEL_HELP = "checkpoint directory or hub id org/name[@revision] (or a preset name, random weights)"
+COMPILE_HELP = "run the engine through torch.compile: 2-3x faster decoding steps after 20-45 s of compiling at start"
 
-def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:,.1f} GiB"
+# Options forwarded to a callee, by parameter name: argparse keywords without the default, which `add_options` reads
+# from the callee's signature (or dataclass fields), so that the CLI and the Python API agree. A new engine or sampling
+# option is one entry here.
+MODEL_LOADING = {
+    "tokenizer": dict(help="tokenizer.json or its directory (default: the checkpoint's)"),
+    "dtype": dict(choices=["fp32", "bf16"], help="weights"),
+    "device": dict(help="cpu, cuda, cuda:1 (default: cuda when available)"),
+}
+ENGINE = {
+    **MODEL_LOADING,
+    "dtype": dict(choices=["fp32", "bf16"], help="weights (default: the checkpoint's, bf16 on GPU)"),
+    "cache_gb": dict(type=float, help="memory for the KV cache (GiB)"),
+    "quantize": dict(choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)"),
+    "compile": dict(action="store_true", help=COMPILE_HELP),
+}
+SERVER_ENGINE = {
+    "max_batch": dict(type=int, help="requests decoded together"),
+    "max_queue": dict(type=int, help="requests waiting; more are answered 503"),
+}
+SAMPLING = {
+    "temperature": dict(type=float, help="0 = greedy (default: generation_config.json, else 0.8)"),
+    "top_p": dict(type=float, help="nucleus sampling (default: generation_config.json, else 0.9)"),
+    "top_k": dict(type=int, help="0 = off"),
+    "min_p": dict(type=float),
+    "repetition_penalty": dict(type=float),
+    "max_tokens": dict(type=int),
+    "seed": dict(type=int, help="reproducible sampling"),
+}
+
+
+def defaults_of(target) -> dict:
+    """The keyword defaults of a function or class (its signature), or of a dataclass (its fields)."""
+    if dataclasses.is_dataclass(target):
+        return {f.name: f.default for f in dataclasses.fields(target) if f.default is not dataclasses.MISSING}
+    return {k: p.default for k, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
+
+
+def add_options(parser, target, options: dict, **defaults) -> None:
+    """`--name` for each option, its default taken from `target` unless given in `defaults` (a command's own)."""
+    own = defaults_of(target)
+    for name, kw in options.items():
+        default = defaults.get(name, own[name])
+        unset = default is None or default is False
+        shown = "" if unset or "default" in kw.get("help", "") else " (default %(default)s)"
+        parser.add_argument("--" + name.replace("_", "-"), default=default, **kw | {"help": kw.get("help", "") + shown})
+
+
+def forward(fn, args, **given):
+    """`fn` called with the parsed arguments named as its parameters, and `given` (which wins)."""
+    names = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in vars(args).items() if k in names} | given)
+
+
+def picked(args, *groups: dict) -> dict:
+    """The values of the options of `groups`, as keyword arguments for the callee."""
+    return {name: getattr(args, name) for group in groups for name in group}
+
+
+def csv(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def run_name(model: str) -> str:
+    from pathlib import Path
+
+    return Path(model).resolve().name or "model"
+
+
+# --- model and tokenizer ---------------------------------------------------------------------------------------------
 
 
 def cmd_info(args) -> int:
-    import torch
+    from .train.recipe import model_info
 
-    from .checkpoint import load_model, resolve_checkpoint_dir
-    from .config import PRESETS, load_config, preset
-    from .model import build_model
-
-    cfg = preset(args.model) if args.model in PRESETS else load_config(
-        resolve_checkpoint_dir(args.model, files=["config.json"]))
-    model = build_model(cfg, device="meta")
-    n, n_emb = model.num_params(), cfg.vocab_size * cfg.hidden_size
-    print(f"{args.model}: Apertus, {n / 1e9:.2f}B parameters ({n:,}; {(n - n_emb) / 1e9:.2f}B without the input "
-          f"embedding)")
-    print(f"  layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
-          f"{cfg.num_key_value_heads} x {cfg.head_dim}, MLP {cfg.intermediate_size} (xIELU), vocab {cfg.vocab_size}")
-    rope = (f"llama3 x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else "default")
-    print(f"  RoPE theta {cfg.rope_theta:,.0f} ({rope}), context {cfg.max_position_embeddings:,}")
-    T = args.seq_len
-    print(f"  FLOPs per token at seq {T}: {cfg.flops_per_token(T) / 1e9:,.1f} GFLOP training (6N + 12LHDT), "
-          f"{cfg.flops_per_token(T, training=False) / 1e9:,.1f} GFLOP forward")
-    print(f"  weights: {_gb(4 * n)} fp32, {_gb(2 * n)} bf16")
-    # bf16 params + fp32 master + fp32 grads + AdEMAMix (m1, m2, nu in fp32); activations not included.
-    print(f"  training state (bf16 params, fp32 master + grads, AdEMAMix m1/m2/nu): {_gb(22 * n)} "
-          f"({_gb(20 * n)} with fp32 params; AdamW: {_gb(18 * n)}); activations extra")
+    print(forward(model_info, args))
     if args.load:
-        m = load_model(args.model, dtype=torch.float32)
-        print(f"  loaded: {m.num_params():,} parameters")
+        from .checkpoint import load_model
+
+        print(f"  loaded: {load_model(args.model).num_params():,} parameters")
     return 0
-
-
-
-# === tokenizer and chat format (issue 3) =============================================================================
-
-
-def _load_tokenizer_spec(spec: str):
-    """`apertus` (the released tokenizer) or a tokenizer.json / directory; `NAME=PATH` names it in reports."""
-    from pathlib import Path
-
-    from .tokenizer import Tokenizer, apertus_tokenizer_path
-
-    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-    file = apertus_tokenizer_path() if path == "apertus" else path
-    return name or (path if path == "apertus" else Path(path).name or path), Tokenizer.from_file(file)
 
 
 def cmd_tokenizer_apertus(args) -> int:
     from .chat import official_template
     from .tokenizer import APERTUS_SHA256, rebuild_apertus
 
-    template = None if args.base else official_template()
-    file = rebuild_apertus(args.out, chat_template=template)
+    file = rebuild_apertus(args.out, chat_template=None if args.base else official_template())
     print(f"rebuilt {file} from mistral-common's tekken vocabulary: sha256 {APERTUS_SHA256} (the released file)")
     print(f"  config: {'base (BOS, no EOS)' if args.base else 'instruct (eos <|assistant_end|>, chat template)'}")
     return 0
@@ -79,22 +121,27 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_tokenizer_eval(args) -> int:
-    from .tokenizer_eval import evaluate, iter_corpus, markdown
+    from .tokenizer import compare
+    from .tokenizer_eval import markdown
 
-    texts: dict[str, str] = {}
-    for spec in args.corpus:
-        for lang, text in iter_corpus(spec):
-            texts[lang] = texts[lang] + "\n" + text if lang in texts else text
-    tokenizers = dict(_load_tokenizer_spec(s) for s in args.tokenizer)
-    result = evaluate(tokenizers, texts, args.out)
+    result = compare(args.tokenizer, args.corpus, args.out)
     print(markdown(result).split("\n\n")[0])
-    print(f"\n{len(texts)} languages; per-language table, JSON and chart in {args.out}/fertility.{{md,json,png}}")
+    n = len(next(iter(result.values()))["languages"])
+    print(f"\n{n} languages; per-language table, JSON and chart in {args.out}/fertility.{{md,json,png}}")
     return 0
 
 
-def _add_tokenizer_commands(sub) -> None:
-    tk = sub.add_parser("tokenizer", help="the Apertus tokenizer: rebuild, train, evaluate")
-    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+def add_model_commands(sub) -> None:
+    s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint")
+    s.add_argument("model", help="preset name (tiny, apertus-8b, apertus-70b), config.json, checkpoint directory or "
+                   "hub id org/name[@revision]")
+    s.add_argument("--seq-len", type=int, default=4096)
+    s.add_argument("--gpus", type=int, default=1, help="GPUs the training memory is sharded over (FSDP)")
+    s.add_argument("--load", action="store_true", help="also load the weights (checks the checkpoint)")
+    s.set_defaults(func=cmd_info)
+
+    tsub = sub.add_parser("tokenizer", help="the Apertus tokenizer: rebuild, train, evaluate").add_subparsers(
+        dest="tokenizer_command", required=True)
     s = tsub.add_parser("apertus", help="rebuild the released Apertus tokenizer from mistral-common and verify it")
     s.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
     s.add_argument("--base", action="store_true", help="base-model config (no chat template, eos </s>)")
@@ -115,57 +162,45 @@ def _add_tokenizer_commands(sub) -> None:
     s.set_defaults(func=cmd_tokenizer_eval)
 
 
-# === data pipeline (issue 4) =========================================================================================
+# --- data ------------------------------------------------------------------------------------------------------------
 
 
 def cmd_data_build(args) -> int:
     import time
+    from pathlib import Path
 
+    from .compliance.manifest import record_data_build
     from .data.pipeline import build, funnel_table
 
-    out = args.out or f"runs/data/{__import__('pathlib').Path(args.recipe).stem}"
+    out = args.out or f"runs/data/{Path(args.recipe).stem}"
     t = time.time()
     print(f"building {args.recipe} -> {out}")
     manifest = build(args.recipe, out, tasks=args.tasks, workers=args.workers, keep_work=args.keep_work)
-    if manifest is None:
+    if manifest is None:  # handed to Slurm/Ray, which finish on their own
         return 0
     print(funnel_table(manifest))
     shards = manifest["shards"]
     print(f"{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
           f"{time.time() - t:.1f}s; manifest: {out}/manifest.json")
-    from .compliance.manifest import record_data_build
-
     record_data_build(out, wall_time=time.time() - t)
     return 0
 
 
 def cmd_data_info(args) -> int:
-    import json
-    from pathlib import Path
+    from .data.pipeline import dataset_info
 
-    from .data.pipeline import funnel_table
-
-    path = Path(args.dataset) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a built dataset")
-    manifest = json.loads(path.read_text())
-    print(funnel_table(manifest))
-    for st in manifest["stages"]:
-        print(f"stage {st['name']}: {st['sources']} tokens={st['tokens']}")
+    print(forward(dataset_info, args))
     return 0
 
 
 def cmd_data_fetch(args) -> int:
     from .data.fetch import fetch, listing
 
-    if args.name is None or args.list:
-        print(listing())
-        return 0
-    print(f"{args.name} -> {fetch(args.name, args.to)}")
+    print(listing() if args.name is None or args.list else f"{args.name} -> {fetch(args.name, args.to)}")
     return 0
 
 
-def _add_data_commands(sub) -> None:
+def add_data_commands(sub) -> None:
     d = sub.add_parser("data", help="the data pipeline: build tokenized shards from a recipe").add_subparsers(
         dest="data_command", required=True)
     s = d.add_parser("build", help="run a data recipe (TOML): sources -> filters -> dedup -> shards + manifest")
@@ -186,46 +221,33 @@ def _add_data_commands(sub) -> None:
     s.set_defaults(func=cmd_data_fetch)
 
 
-# === pretraining and export (issue 5) ================================================================================
-
-
-def cmd_train(args) -> int:
-    from .train.pretrain import command
-
-    return command(args)
+# --- training and export ---------------------------------------------------------------------------------------------
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import is_pretrained
-    from .train import checkpointing as ck
+    from .train.checkpointing import export
 
-    if args.format == "hf" and args.dtype == "f16":
-        raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
-    if is_pretrained(args.checkpoint) and not ck.is_training_checkpoint(args.checkpoint):  # a directory or hub id
-        out = ck.export_pretrained(args.checkpoint, args.out, fmt=args.format, dtype=args.dtype)
-        print(f"wrote {out} ({'GGUF for llama.cpp' if args.format == 'gguf' else 'Hugging Face'}, {args.dtype})")
-        return 0
-    out = args.out or ck.default_export_path(args.checkpoint, args.format, args.dtype)
-    if args.format == "gguf":
-        out = ck.export_checkpoint_gguf(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
-        print(f"wrote {out} (GGUF for llama.cpp, {args.dtype})")
-    else:
-        out = ck.export_checkpoint(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
-        print(f"wrote {out} (Hugging Face Apertus checkpoint, {args.dtype})")
+    print(forward(export, args))
     return 0
 
 
-def _add_train_commands(sub) -> None:
-    from .train.pretrain import add_arguments
+def add_train_commands(sub) -> None:
+    from .train import posttrain, pretrain, qrpo, sft
 
     s = sub.add_parser("train", help="pretrain from a TOML recipe (resumes from the newest checkpoint in --out)")
-    add_arguments(s)
-    s.set_defaults(func=cmd_train)
+    pretrain.add_arguments(s)
+    s.set_defaults(func=pretrain.command)
+    for name, module, text in (
+            ("sft", sft, "supervised fine-tuning on chat data (Apertus chat format, loss on assistant tokens)"),
+            ("align", qrpo, "preference alignment: QRPO (or length-normalised DPO) on rewarded reference samples")):
+        s = sub.add_parser(name, help=text + "; resumes from --out")
+        posttrain.add_arguments(s, module.EXAMPLE)
+        s.set_defaults(func=module.command)
 
     s = sub.add_parser("export", help="write a training checkpoint as a Hugging Face Apertus checkpoint or GGUF")
     s.add_argument("checkpoint", help="checkpoint folder (runs/X/checkpoints/step_N), or a run folder (newest), or "
                    "a Hugging Face checkpoint (directory or hub id org/name[@revision]) to convert")
-    s.add_argument("--format", choices=["hf", "gguf"], default="hf",
+    s.add_argument("--format", dest="fmt", choices=["hf", "gguf"], default="hf",
                    help="hf: a directory transformers loads; gguf: one file llama.cpp loads")
     s.add_argument("--out", help="output directory (hf) or .gguf file (default: RUN/export/..., or NAME-DTYPE[.gguf] "
                    "here for a Hugging Face checkpoint)")
@@ -234,101 +256,45 @@ def _add_train_commands(sub) -> None:
     s.set_defaults(func=cmd_export)
 
 
-# === inference: generate, chat (issue 6) =============================================================================
+# --- inference: generate, chat, serve --------------------------------------------------------------------------------
 
 
-def _pii_filter_factory(args):
-    """The PII output filter of issue 10 (off by default): a factory of one streaming filter per reply."""
+def pii_filter_factory(args):
+    """One streaming PII filter per reply, or None when the flags leave the output unfiltered."""
     if not (args.pii_filter or args.pii_hash_list):
         return None
-    from .compliance.output_filter import PIIFilter, load_hash_list
+    from .compliance.output_filter import filter_factory
 
-    hash_list = load_hash_list(args.pii_hash_list) if args.pii_hash_list else None
-    return lambda: PIIFilter(hash_list=hash_list)
-
-
-def _add_pii_arguments(s) -> None:
-    s.add_argument("--pii-filter", action="store_true", help="redact e-mails, IBANs, cards, IPs, phones in the output")
-    s.add_argument("--pii-hash-list", help="also redact the removal requests of this salted hash list (implies "
-                   "--pii-filter)")
+    return filter_factory(args.pii_hash_list)
 
 
-def _engine_from_args(args):
+def engine_from_args(args):
     from .infer import Engine
 
-    return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, cache_gb=args.cache_gb,
-                  quantize=args.quantize, compile=args.compile, output_filter=_pii_filter_factory(args))
+    return Engine(args.model, **picked(args, ENGINE), output_filter=pii_filter_factory(args))
 
 
-def _sampling_from_args(args, **extra):
+def sampling_from_args(args, **extra):
     from .infer import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
-                          **extra)
+    return SamplingParams(**picked(args, SAMPLING), **extra)
 
 
 def cmd_generate(args) -> int:
-    import time
+    from .infer.repl import generate
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    with _engine_from_args(args) as engine:
-        t = time.perf_counter()
-        handle = engine.submit(prompt, _sampling_from_args(args, stop=args.stop or None))
-        for delta in handle:
-            print(delta.text, end="", flush=True)
-        print()
-        dt = time.perf_counter() - t
-    n = len(handle.output_ids)
-    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {handle.finish_reason}]", file=sys.stderr)
+    with engine_from_args(args) as engine:
+        generate(engine, prompt, sampling_from_args(args, stop=args.stop or None))
     return 0
 
 
 def cmd_chat(args) -> int:
     from .infer.repl import chat_loop
 
-    with _engine_from_args(args) as engine:
-        chat_loop(engine, _sampling_from_args(args), system=args.system, thinking=args.think)
+    with engine_from_args(args) as engine:
+        chat_loop(engine, sampling_from_args(args), system=args.system, thinking=args.think)
     return 0
-
-
-_COMPILE_HELP = "run the engine through torch.compile: 2-3x faster decoding steps after 20-45 s of compiling at start"
-
-
-def _add_sampling_args(s, max_tokens: int) -> None:
-    s.add_argument("model", help="checkpoint directory or hub id org/name[@revision] (or a preset name, random "
-                   "weights)")
-    s.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 0.8)")
-    s.add_argument("--top-p", type=float, help="nucleus sampling (default: generation_config.json, else 0.9)")
-    s.add_argument("--top-k", type=int, help="0 = off")
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float)
-    s.add_argument("--max-tokens", type=int, default=max_tokens)
-    s.add_argument("--seed", type=int, help="reproducible sampling")
-    s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the checkpoint's (bf16 on GPU)")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
-    s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)")
-    s.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
-    _add_pii_arguments(s)
-
-
-def _add_infer_commands(sub) -> None:
-    s = sub.add_parser("generate", help="continue a prompt with a base model (streams the continuation)")
-    _add_sampling_args(s, max_tokens=128)
-    s.add_argument("--prompt", help="the text to continue (default: read stdin); BOS is added")
-    s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.set_defaults(func=cmd_generate)
-
-    s = sub.add_parser("chat", help="terminal chat with an instruct model (/reset, /think, /system, /quit)")
-    _add_sampling_args(s, max_tokens=1024)
-    s.add_argument("--system", help="system prompt (default: the Apertus one)")
-    s.add_argument("--think", action="store_true", help="start with deliberation (reasoning) enabled")
-    s.set_defaults(func=cmd_chat)
-
-
-# === server (issue 7) ================================================================================================
 
 
 def cmd_serve(args) -> int:
@@ -337,154 +303,136 @@ def cmd_serve(args) -> int:
     from .infer.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("APERTUS_API_KEY"),
-          model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=_pii_filter_factory(args),
-          log_level=args.log_level, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-          cache_gb=args.cache_gb, max_batch=args.max_batch, max_queue=args.max_queue, quantize=args.quantize,
-          compile=args.compile)
+          model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=pii_filter_factory(args),
+          log_level=args.log_level, **picked(args, ENGINE, SERVER_ENGINE))
     return 0
 
 
-def _add_serve_commands(sub) -> None:
+def add_engine_options(s, *groups: dict, **defaults) -> None:
+    """The checkpoint and the engine's options (defaults: `Engine`'s), with the PII output filter."""
+    from .infer import Engine
+
+    s.add_argument("model", help=MODEL_HELP)
+    add_options(s.add_argument_group("engine"), Engine, {k: v for g in (ENGINE, *groups) for k, v in g.items()},
+                **defaults)
+    g = s.add_argument_group("output filter")
+    g.add_argument("--pii-filter", action="store_true", help="redact e-mails, IBANs, cards, IPs, phones in the output")
+    g.add_argument("--pii-hash-list", help="also redact the removal requests of this salted hash list (implies "
+                   "--pii-filter)")
+
+
+def add_infer_commands(sub) -> None:
+    from .infer import SamplingParams
+
+    s = sub.add_parser("generate", help="continue a prompt with a base model (streams the continuation)")
+    add_engine_options(s)
+    add_options(s.add_argument_group("sampling"), SamplingParams, SAMPLING, max_tokens=128)
+    s.add_argument("--prompt", help="the text to continue (default: read stdin); BOS is added")
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="terminal chat with an instruct model (/reset, /think, /system, /quit)")
+    add_engine_options(s)
+    add_options(s.add_argument_group("sampling"), SamplingParams, SAMPLING, max_tokens=1024)
+    s.add_argument("--system", help="system prompt (default: the Apertus one)")
+    s.add_argument("--think", action="store_true", help="start with deliberation (reasoning) enabled")
+    s.set_defaults(func=cmd_chat)
+
     s = sub.add_parser("serve", help="OpenAI-compatible server and web chat (http://127.0.0.1:8000/)")
-    s.add_argument("model", help="checkpoint directory or hub id org/name[@revision] (or a preset name, random "
-                   "weights)")
+    # a server answers 503 early rather than queueing as many requests as an engine used from Python
+    add_engine_options(s, SERVER_ENGINE, max_queue=256)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (default: $APERTUS_API_KEY)")
     s.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
-    s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], help="default: the checkpoint's (bf16 on GPU)")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--cache-gb", type=float, default=2.0, help="memory for the KV cache (GiB)")
-    s.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
-    s.add_argument("--max-queue", type=int, default=256, help="requests waiting; more are answered 503")
     s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (MiB); larger: 413")
-    s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU)")
-    s.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
-    _add_pii_arguments(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
 
-# === post-training: sft, align (issue 8) =============================================================================
+# --- evaluation ------------------------------------------------------------------------------------------------------
+
+EVAL_COMMANDS = ("tasks", "memorization", "lm-eval-hook")
 
 
-def cmd_sft(args) -> int:
-    from .train.sft import command
-
-    return command(args)
-
-
-def cmd_align(args) -> int:
-    from .train.qrpo import command
-
-    return command(args)
-
-
-def _add_posttrain_commands(sub) -> None:
-    from .train.posttrain import add_arguments
-
-    for name, func, text, example in (
-            ("sft", cmd_sft, "supervised fine-tuning on chat data (Apertus chat format, loss on assistant tokens)",
-             "recipes/sft_tiny.toml"),
-            ("align", cmd_align, "preference alignment: QRPO (or length-normalised DPO) on rewarded reference samples",
-             "recipes/align_tiny.toml")):
-        s = sub.add_parser(name, help=text + "; resumes from --out")
-        add_arguments(s, example)
-        s.set_defaults(func=func)
-
-
-# === evaluation (issue 9) ============================================================================================
-
-_EVAL_FORMS = """forms:
-  apertus eval MODEL --tasks xcopa,piqa,flores_bpb ...   tasks; results as JSON + markdown table + PNG charts
-  apertus eval memorization MODEL --probes PROBES ...    Goldfish audit: extraction of inserted probes
-  apertus eval lm-eval-hook [--uninstall]                 let the `lm_eval` command find `--model apertus`"""
-
-
-def cmd_eval(args) -> int:
-    if args.target == "lm-eval-hook":
-        from .eval.harness import install_hook
-
-        files = install_hook(args.site_dir, uninstall=args.uninstall)
-        print(("removed " if args.uninstall else "installed ") + ", ".join(map(str, files)))
-        return 0
-    if args.target == "memorization":
-        from .eval.memorization import audit
-
-        if not args.model or not args.probes:
-            raise ValueError("usage: apertus eval memorization MODEL --probes PROBES")
-        out = args.out or f"runs/eval/{_run_name(args.model)}/memorization"
-        report = audit(args.model, args.probes, out=out, prefix=args.prefix, suffix=args.suffix, top_p=args.top_p,
-                       seed=args.seed, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
-        print(report["markdown"])
-        print(f"written to {out}")
-        return 0
+def cmd_eval_tasks(args) -> int:
     from .eval.report import markdown
     from .eval.suite import evaluate
 
-    if args.model or not args.tasks:
-        raise ValueError("usage: apertus eval MODEL --tasks TASKS (see apertus eval --help)")
-    out = args.out or f"runs/eval/{_run_name(args.target)}"
-    report = evaluate(args.target, _csv(args.tasks), out=out, limit=args.limit, langs=_csv(args.langs),
-                      dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, max_len=args.max_len,
-                      batch_tokens=args.batch_tokens, bpb_stride=args.bpb_stride, chat=args.chat,
-                      num_fewshot=args.num_fewshot, max_tokens=args.max_new_tokens)
-    print(markdown(report))
-    print(f"written to {out}")
+    out = args.out or f"runs/eval/{run_name(args.model)}"
+    print(markdown(forward(evaluate, args, out=out)), f"written to {out}", sep="\n")
     return 0
 
 
-def _csv(s: str | None) -> list[str] | None:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+def cmd_eval_memorization(args) -> int:
+    from .eval.memorization import audit
+
+    out = args.out or f"runs/eval/{run_name(args.model)}/memorization"
+    print(forward(audit, args, out=out)["markdown"], f"written to {out}", sep="\n")
+    return 0
 
 
-def _run_name(model: str) -> str:
-    from pathlib import Path
+def cmd_eval_hook(args) -> int:
+    from .eval.harness import install_hook
 
-    return Path(model).resolve().name or "model"
+    print(("removed " if args.uninstall else "installed ") + ", ".join(map(str, forward(install_hook, args))))
+    return 0
 
 
-def _add_eval_commands(sub) -> None:
-    s = sub.add_parser("eval", help="evaluate a checkpoint: tasks, memorization audit, lm-eval adapter",
-                       epilog=_EVAL_FORMS, formatter_class=argparse.RawTextHelpFormatter)
-    s.add_argument("target", help="checkpoint directory or hub id, or `memorization`, or `lm-eval-hook`")
-    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (after `memorization`)")
-    s.add_argument("--out", help="report directory (default runs/eval/<model name>[/memorization])")
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    s.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else the Apertus tokenizer)")
-    g = s.add_argument_group("tasks (apertus eval MODEL)")
-    g.add_argument("--tasks", help="comma-separated groups (flores_bpb, udhr_bpb, xcopa, xwinograd, piqa, sib200, "
-                   "gsm8k, mgsm) or subtasks GROUP_LANG (xcopa_it, sib200_deu_Latn)")
-    g.add_argument("--langs", help="comma-separated language filter for multilingual groups (deu_Latn or deu, it)")
-    g.add_argument("--limit", type=int, help="first N documents of each subtask")
-    g.add_argument("--max-len", type=int, default=4096, help="longest input; longer texts are scored in windows")
-    g.add_argument("--bpb-stride", type=int, help="tokens predicted per window of a long text (default max-len)")
-    g.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (padding included)")
+def add_eval_commands(sub) -> None:
+    from .eval.memorization import audit
+    from .eval.suite import evaluate
+
+    esub = sub.add_parser("eval", help="evaluate a checkpoint: tasks, memorization audit, lm-eval adapter",
+                          description="`apertus eval CKPT ...` is short for `apertus eval tasks CKPT ...`.",
+                          ).add_subparsers(dest="eval_command", required=True)
+    s = esub.add_parser("tasks", help="benchmark tasks; results as JSON + markdown table + PNG charts")
+    s.add_argument("model", help="checkpoint directory or hub id org/name[@revision]")
+    s.add_argument("--tasks", required=True, type=csv, help="comma-separated groups (flores_bpb, udhr_bpb, xcopa, "
+                   "xwinograd, piqa, sib200, gsm8k, mgsm) or subtasks GROUP_LANG (xcopa_it, sib200_deu_Latn)")
+    s.add_argument("--out", help="report directory (default runs/eval/<model name>)")
+    add_options(s, evaluate, MODEL_LOADING)
+    s.add_argument("--langs", type=csv,
+                   help="comma-separated language filter for multilingual groups (deu_Latn or deu, it)")
+    s.add_argument("--limit", type=int, help="first N documents of each subtask")
+    s.add_argument("--max-len", type=int, default=defaults_of(evaluate)["max_len"],
+                   help="longest input; longer texts are scored in windows")
+    s.add_argument("--bpb-stride", type=int, help="tokens predicted per window of a long text (default max-len)")
+    s.add_argument("--batch-tokens", type=int, default=defaults_of(evaluate)["batch_tokens"],
+                   help="tokens per forward pass (padding included)")
+    g = s.add_argument_group("generative tasks (gsm8k, mgsm)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="chat format for generative tasks (default: if the checkpoint is an instruct one)")
-    g.add_argument("--num-fewshot", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=384)
-    g = s.add_argument_group("memorization (apertus eval memorization MODEL)")
-    g.add_argument("--probes", help="probes JSONL, or a built dataset directory holding probes.jsonl")
-    g.add_argument("--prefix", type=int, default=32, help="prompt length in tokens")
-    g.add_argument("--suffix", type=int, default=32, help="continuation length in tokens")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling at temperature 1")
-    g.add_argument("--seed", type=int, default=0)
-    g = s.add_argument_group("lm-eval-hook (apertus eval lm-eval-hook)")
-    g.add_argument("--uninstall", action="store_true")
-    g.add_argument("--site-dir", help="default: this interpreter's site-packages")
-    s.set_defaults(func=cmd_eval)
+                   help="chat format (default: if the checkpoint is an instruct one)")
+    g.add_argument("--num-fewshot", type=int, default=defaults_of(evaluate)["num_fewshot"])
+    g.add_argument("--max-new-tokens", dest="max_tokens", type=int, metavar="N",
+                   default=defaults_of(evaluate)["max_tokens"])
+    s.set_defaults(func=cmd_eval_tasks)
+
+    s = esub.add_parser("memorization", help="Goldfish audit: extraction of inserted probes")
+    s.add_argument("model", help="checkpoint directory or hub id org/name[@revision]")
+    s.add_argument("--probes", dest="probes_path", required=True,
+                   help="probes JSONL, or a built dataset directory holding probes.jsonl")
+    s.add_argument("--out", help="report directory (default runs/eval/<model name>/memorization)")
+    add_options(s, audit, MODEL_LOADING)
+    add_options(s, audit, {"prefix": dict(type=int, help="prompt length in tokens"),
+                           "suffix": dict(type=int, help="continuation length in tokens"),
+                           "top_p": dict(type=float, help="nucleus sampling at temperature 1"),
+                           "seed": dict(type=int)})
+    s.set_defaults(func=cmd_eval_memorization)
+
+    s = esub.add_parser("lm-eval-hook", help="let the `lm_eval` command find `--model apertus`")
+    s.add_argument("--uninstall", action="store_true")
+    s.add_argument("--site-dir", help="default: this interpreter's site-packages")
+    s.set_defaults(func=cmd_eval_hook)
 
 
-# === compliance: run manifests, cards, opt-out (issue 10) ============================================================
+# --- compliance ------------------------------------------------------------------------------------------------------
 
 
 def cmd_verify(args) -> int:
     from .compliance.manifest import verify
 
-    result = verify(args.run_dir)
+    result = forward(verify, args)
     for p in result["problems"]:
         print(f"MISMATCH {p['path']}: {p['problem']}")
     n = len(result["problems"])
@@ -495,7 +443,7 @@ def cmd_verify(args) -> int:
 def cmd_manifest(args) -> int:
     from .compliance.manifest import record
 
-    m = record(args.run_dir, args.kind)
+    m = forward(record, args)
     print(f"wrote {args.run_dir}/run.json ({m['kind']}: {len(m['artifacts'])} artifacts hashed, "
           f"tokens {m['tokens']}, energy estimate {m['energy']['kwh'] if m['energy'] else '-'} kWh)")
     return 0
@@ -504,53 +452,31 @@ def cmd_manifest(args) -> int:
 def cmd_card(args) -> int:
     from .compliance.cards import write_cards
 
-    files = write_cards(args.run_dir, args.out, model_name=args.name, provider=args.provider, license_=args.license)
-    for path in files.values():
-        print(f"wrote {path}")
+    print("\n".join(f"wrote {path}" for path in forward(write_cards, args).values()))
     return 0
 
 
 def cmd_optout_apply(args) -> int:
-    from .compliance.optout import apply_optout, read_list
+    from .compliance.optout import apply_optout, read_list, removal_text
 
-    rep = apply_optout(args.dataset, robots=args.robots, urls=read_list(args.urls), domains=read_list(args.domains),
-                       text_hashes=read_list(args.text_hashes), dry_run=args.dry_run)
-    r = rep["removed"]
-    verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {r['docs']:,} document(s), {r['tokens']:,} tokens; reasons {rep['by_reason']}; shards rebuilt "
-          f"{len(rep['shards_rebuilt'])}, untouched {rep['shards_untouched']}")
-    for key, vals in rep["unmatched_requests"].items():
-        if vals:
-            print(f"  {len(vals)} of the {key} matched no document (not in this dataset)")
-    if not args.dry_run:
-        print(f"report: {args.dataset}/optout/removal-{rep['time']}.json")
+    print(removal_text(apply_optout(args.dataset, robots=args.robots, urls=read_list(args.urls),
+                                    domains=read_list(args.domains), text_hashes=read_list(args.text_hashes),
+                                    dry_run=args.dry_run), args.dataset))
     return 0
 
 
 def cmd_optout_check(args) -> int:
     import json
 
-    from .compliance.optout import check
+    from .compliance.optout import check, check_text
 
-    res = check(args.dataset, args.query)
-    if args.json:
-        print(json.dumps(res, indent=1, ensure_ascii=False))
-        return 0 if res["found"] else 1
-    if not res["found"]:
-        print(f"not in {args.dataset} ({res['kind']})")
-    for d in res["documents"]:
-        where = f"stages {', '.join(d['stages'])}" if d["stages"] else "held out (validation split, not trained on)"
-        print(f"FOUND {d['match']}: document {d['id']} ({d['source']}, {d['language']}, {d['split']}) in "
-              f"{d['shard']} at token {d['offset']:,}; {where}")
-    if res["n_documents"] > len(res["documents"]):
-        print(f"... {res['n_documents'] - len(res['documents'])} more")
-    for r in res["removed_before"]:
-        print(f"REMOVED earlier: document {r['id']} ({', '.join(r['reasons'])}), report {r['report']}")
+    res = forward(check, args)
+    print(json.dumps(res, indent=1, ensure_ascii=False) if args.json else check_text(res, args.dataset))
     return 0 if res["found"] else 1
 
 
 def cmd_redact(args) -> int:
-    from .compliance.output_filter import PIIFilter, write_hash_list
+    from .compliance.output_filter import redact_stream, write_hash_list
 
     if args.make_hash_list:
         if not args.out:
@@ -558,16 +484,12 @@ def cmd_redact(args) -> int:
         hl = write_hash_list(args.make_hash_list, args.out)
         print(f"wrote {args.out}: {len(hl['hashes'])} salted hashes (up to {hl['max_words']} words)")
         return 0
-    filt = PIIFilter(args.kinds, args.hash_list)
-    while chunk := sys.stdin.read(args.chunk) if args.chunk else sys.stdin.readline():
-        sys.stdout.write(filt.feed(chunk))
-        sys.stdout.flush()
-    sys.stdout.write(filt.flush())
-    print(f"[redacted: {filt.counts}]", file=sys.stderr)
+    counts = redact_stream(sys.stdin, sys.stdout, kinds=args.kinds, hash_list=args.hash_list, chunk=args.chunk)
+    print(f"[redacted: {counts}]", file=sys.stderr)
     return 0
 
 
-def _add_compliance_commands(sub) -> None:
+def add_compliance_commands(sub) -> None:
     s = sub.add_parser("verify", help="re-hash every artifact of a run (shards, index, checkpoints) against run.json")
     s.add_argument("run_dir", help="a run folder with run.json, or a built dataset")
     s.set_defaults(func=cmd_verify)
@@ -580,13 +502,13 @@ def _add_compliance_commands(sub) -> None:
     s = sub.add_parser("card", help="model card, data card and EU AI Act public summary from the run manifests")
     s.add_argument("run_dir", help="a run folder (its run.json and those one or two folders down are read)")
     s.add_argument("--out", help="output folder (default RUN_DIR/card)")
-    s.add_argument("--name", help="model name (default apertus-<folder name>)")
+    s.add_argument("--name", dest="model_name", help="model name (default apertus-<folder name>)")
     s.add_argument("--provider", help="provider name and contact for the public summary")
-    s.add_argument("--license", default="Apache-2.0")
+    s.add_argument("--license", dest="license_", default="Apache-2.0")
     s.set_defaults(func=cmd_card)
 
-    o = sub.add_parser("optout", help="retrospective removal from a built dataset; was X in the training data?")
-    osub = o.add_subparsers(dest="optout_command", required=True)
+    osub = sub.add_parser("optout", help="retrospective removal from a built dataset; was X in the training data?"
+                          ).add_subparsers(dest="optout_command", required=True)
     s = osub.add_parser("apply", help="remove opted-out or requested documents, rebuilding only the affected shards")
     s.add_argument("dataset")
     s.add_argument("--robots", help="robots.txt snapshots: folder of <host>.txt or JSONL {domain, robots_txt}")
@@ -610,15 +532,15 @@ def _add_compliance_commands(sub) -> None:
     s.set_defaults(func=cmd_redact)
 
 
-# === speedrun and report (issue 11) ==================================================================================
+# --- speedrun and report ---------------------------------------------------------------------------------------------
 
 
 def cmd_speedrun(args) -> int:
     from .speedrun import speedrun
 
     try:
-        speedrun(args.out, smoke=args.smoke, tokenizer=args.tokenizer, stages=_csv(args.stages))
-    except RuntimeError as e:  # a stage stopped early (SIGTERM) or a command failed: rerunning resumes
+        forward(speedrun, args)
+    except RuntimeError as e:  # a stage stopped early (SIGTERM) or failed: rerunning resumes
         print(f"apertus speedrun: {e}", file=sys.stderr)
         return 1
     return 0
@@ -627,19 +549,19 @@ def cmd_speedrun(args) -> int:
 def cmd_report(args) -> int:
     from .speedrun_report import write_report
 
-    print(f"wrote {write_report(args.run_dir)}")
+    print(f"wrote {forward(write_report, args)}")
     return 0
 
 
-def _add_speedrun_commands(sub) -> None:
+def add_speedrun_commands(sub) -> None:
     s = sub.add_parser("speedrun", help="the whole pipeline on the embedded corpus (data, tokenizer, pretraining, "
                        "SFT, QRPO, eval, export, cards, chat) and report.md; resumes")
     s.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); a rerun resumes")
     s.add_argument("--smoke", action="store_true", help="a few steps per stage (CI; about two minutes)")
     s.add_argument("--tokenizer", choices=["train", "apertus"], default="train",
                    help="train a small BPE on the corpus (default) or use the released Apertus tokenizer (slower)")
-    s.add_argument("--stages", help="comma-separated stages to (re)run: tokenizer, data, pretrain, sft, align, "
-                   "eval, export, cards, chat (default: every stage not done yet)")
+    s.add_argument("--stages", type=csv, help="comma-separated stages to (re)run: tokenizer, data, pretrain, sft, "
+                   "align, eval, export, cards, chat (default: every stage not done yet)")
     s.set_defaults(func=cmd_speedrun)
 
     s = sub.add_parser("report", help="(re)write report.md of a speedrun directory")
@@ -650,31 +572,18 @@ def _add_speedrun_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apertus", description="The Apertus LLM system, open end to end.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    # --- model -----------------------------------------------------------------------------------------------------
-    s = sub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint")
-    s.add_argument("model", help="preset name (tiny, apertus-8b, apertus-70b), config.json, checkpoint directory or "
-                   "hub id org/name[@revision]")
-    s.add_argument("--seq-len", type=int, default=4096)
-    s.add_argument("--load", action="store_true", help="also load the weights (checks the checkpoint)")
-    s.set_defaults(func=cmd_info)
-
-    _add_tokenizer_commands(sub)
-    _add_data_commands(sub)
-    _add_train_commands(sub)
-    _add_infer_commands(sub)
-    _add_serve_commands(sub)
-    _add_posttrain_commands(sub)
-    _add_eval_commands(sub)
-    _add_compliance_commands(sub)
-    _add_speedrun_commands(sub)
+    for add in (add_model_commands, add_data_commands, add_train_commands, add_infer_commands, add_eval_commands,
+                add_compliance_commands, add_speedrun_commands):
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"] and len(argv) > 1 and argv[1] not in EVAL_COMMANDS and not argv[1].startswith("-"):
+        argv = ["eval", "tasks", *argv[1:]]  # the shorthand `apertus eval CKPT --tasks ...`
     args = build_parser().parse_args(argv)
-    args.entry = ("apertus.cli", argv)  # what a command relaunches under torchrun (--nproc)
+    args.entry = ("apertus.cli", argv)  # what a training command relaunches under torchrun (--nproc)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:

@@ -289,3 +289,21 @@ def tiny_tokenizer(cache_dir, vocab_size: int = 2048, languages: int = 60, chars
 
     texts = [t[:chars_per_language] for t in read_udhr(limit=languages).values()]
     return train_tokenizer(texts, vocab_size, cache)
+
+
+def compare(tokenizer_specs: list[str], corpus_specs: list[str], out_dir) -> dict:
+    """`apertus tokenizer eval`: `tokenizer_eval.evaluate` on named tokenizers and corpora. A tokenizer spec is
+    `apertus` (the released tokenizer) or a tokenizer.json / its directory, `NAME=PATH` naming its column; corpora as
+    `iter_corpus` reads them, the texts of one language joined."""
+    from .tokenizer_eval import evaluate, iter_corpus
+
+    texts: dict[str, str] = {}
+    for spec in corpus_specs:
+        for lang, text in iter_corpus(spec):
+            texts[lang] = texts[lang] + "\n" + text if lang in texts else text
+    tokenizers = {}
+    for spec in tokenizer_specs:
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        file = apertus_tokenizer_path() if path == "apertus" else path
+        tokenizers[name or (path if path == "apertus" else Path(path).name or path)] = Tokenizer.from_file(file)
+    return evaluate(tokenizers, texts, out_dir)

@@ -363,3 +363,33 @@ def _text_hits(d: Path, manifest: dict, docs: list[dict], text: str, seen: set) 
             seen.add(id(doc))
             out.append((doc, pos - doc["offset"]))
     return out
+
+
+# --- as text (`apertus optout apply|check`) --------------------------------------------------------------------------
+
+
+def removal_text(report: dict, dataset: str | Path) -> str:
+    """What `apply_optout` removed (or, dry run, would remove), in a few lines."""
+    r = report["removed"]
+    lines = [f"{'would remove' if report['dry_run'] else 'removed'} {r['docs']:,} document(s), {r['tokens']:,} tokens; "
+             f"reasons {report['by_reason']}; shards rebuilt {len(report['shards_rebuilt'])}, untouched "
+             f"{report['shards_untouched']}"]
+    lines += [f"  {len(vals)} of the {key} matched no document (not in this dataset)"
+              for key, vals in report["unmatched_requests"].items() if vals]
+    if not report["dry_run"]:
+        lines.append(f"report: {dataset}/optout/removal-{report['time']}.json")
+    return "\n".join(lines)
+
+
+def check_text(result: dict, dataset: str | Path) -> str:
+    """Where `check` found the query, in a line per document (and per earlier removal)."""
+    lines = [] if result["found"] else [f"not in {dataset} ({result['kind']})"]
+    for d in result["documents"]:
+        where = f"stages {', '.join(d['stages'])}" if d["stages"] else "held out (validation split, not trained on)"
+        lines.append(f"FOUND {d['match']}: document {d['id']} ({d['source']}, {d['language']}, {d['split']}) in "
+                     f"{d['shard']} at token {d['offset']:,}; {where}")
+    if result["n_documents"] > len(result["documents"]):
+        lines.append(f"... {result['n_documents'] - len(result['documents'])} more")
+    lines += [f"REMOVED earlier: document {r['id']} ({', '.join(r['reasons'])}), report {r['report']}"
+              for r in result["removed_before"]]
+    return "\n".join(lines)

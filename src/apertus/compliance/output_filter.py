@@ -316,3 +316,24 @@ def filter_deltas(deltas: Iterable, filt: PIIFilter) -> Iterator:
         if getattr(d, "finish_reason", None) is not None:
             d.text += filt.flush()
         yield d
+
+
+# --- the command line (`apertus redact`, `--pii-filter` of generate, chat and serve) ---------------------------------
+
+
+def filter_factory(hash_list: str | Path | None = None):
+    """One streaming filter per reply, all sharing the removal requests of the salted hash list file, if any."""
+    requests = load_hash_list(hash_list) if hash_list else None
+    return lambda: PIIFilter(hash_list=requests)
+
+
+def redact_stream(inp, out, kinds: list[str] | None = None, hash_list: str | Path | None = None,
+                  chunk: int = 0) -> dict[str, int]:
+    """Copy `inp` to `out` redacted, `chunk` characters at a time (0: line by line), writing each piece as soon as
+    the filter lets it go; returns the replacements per kind."""
+    filt = PIIFilter(kinds, hash_list)
+    while piece := inp.read(chunk) if chunk else inp.readline():
+        out.write(filt.feed(piece))
+        out.flush()
+    out.write(filt.flush())
+    return filt.counts

@@ -479,3 +479,13 @@ def funnel_table(manifest: dict) -> str:
             lines.append(f"{'total':<12} {ev:<34} {total[ev][0]:>9,} {total[ev][1]:>12,}")
     lines.append(f"languages in the training split: {manifest['languages']}")
     return "\n".join(lines)
+
+
+def dataset_info(dataset: str | Path) -> str:
+    """The funnel and the stages of a built dataset (`apertus data info`)."""
+    path = Path(dataset) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a built dataset")
+    manifest = json.loads(path.read_text())
+    return "\n".join([funnel_table(manifest)] + [f"stage {st['name']}: {st['sources']} tokens={st['tokens']}"
+                                                 for st in manifest["stages"]])

@@ -1,4 +1,5 @@
-"""`apertus chat`: a terminal chat on the Apertus chat format, streaming, with reasoning shown apart from the answer.
+"""`apertus chat` and `apertus generate`: a terminal chat on the Apertus chat format, streaming, with reasoning
+shown apart from the answer; a streamed continuation.
 
 Commands: /reset (forget the conversation), /think on|off (deliberation), /system TEXT (new system prompt, resets),
 /quit. Ctrl-C stops the reply being written; Ctrl-D or /quit leaves.
@@ -89,3 +90,20 @@ def chat_loop(engine, params, system: str | None = None, thinking: bool = False,
         reply = parse_reply(handle.text)
         # the answer goes back into the history; the reasoning is not re-read by the model in later turns
         messages.append({"role": "assistant", "content": reply["content"] or ""})
+
+
+def generate(engine, prompt: str, params, out=None, err=None) -> None:
+    """`apertus generate`: stream the continuation of `prompt` to `out` (stdout), then tokens, speed and finish
+    reason to `err` (stderr), so that stdout holds only the text."""
+    import time
+
+    out, err = out or sys.stdout, err or sys.stderr
+    t = time.perf_counter()
+    handle = engine.submit(prompt, params)
+    for delta in handle:
+        out.write(delta.text)
+        out.flush()
+    out.write("\n")
+    dt = time.perf_counter() - t
+    n = len(handle.output_ids)
+    err.write(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {handle.finish_reason}]\n")

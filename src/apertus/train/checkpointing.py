@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..checkpoint import HUB_FILES, load_model, resolve_checkpoint_dir, save_model
+from ..checkpoint import HUB_FILES, is_pretrained, load_model, resolve_checkpoint_dir, save_model
 from ..util import atomic_write_json
 from .distributed import Dist, barrier, broadcast_object
 
@@ -248,3 +248,17 @@ def export_checkpoint_gguf(ckpt: str | os.PathLike, out_file: str | os.PathLike,
         hf = Path(tmp) / out_file.stem  # the directory name becomes the GGUF's general.name
         export_checkpoint(ckpt, hf, dtype="bf16" if dtype == "bf16" else "fp32", tokenizer=tokenizer)
         return export_gguf(hf, out_file, GGUF_DTYPES[dtype])
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "hf", dtype: str = "bf16",
+           tokenizer: str | os.PathLike | None = None) -> str:
+    """`apertus export`: a training checkpoint (or run folder), or a Hugging Face checkpoint directory or hub id, as
+    a Hugging Face checkpoint (fmt "hf") or one GGUF file ("gguf"); returns a line saying what was written."""
+    if fmt == "hf" and dtype == "f16":
+        raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
+    kind = "GGUF for llama.cpp" if fmt == "gguf" else "Hugging Face Apertus checkpoint"
+    if is_pretrained(checkpoint) and not is_training_checkpoint(checkpoint):
+        return f"wrote {export_pretrained(checkpoint, out, fmt=fmt, dtype=dtype)} ({kind}, {dtype})"
+    out = out or default_export_path(checkpoint, fmt, dtype)
+    write = export_checkpoint_gguf if fmt == "gguf" else export_checkpoint
+    return f"wrote {write(checkpoint, out, dtype=dtype, tokenizer=tokenizer)} ({kind}, {dtype})"

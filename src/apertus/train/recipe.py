@@ -407,3 +407,42 @@ def plan(r: Recipe, gpus: int = 1, gpu_memory_gb: float = 80.0, mfu: float = 0.3
     lines.append("memory breakdown (longest micro-batch): " + ", ".join(
         f"{k} {v / 2**30:.1f} GiB" for k, v in mem.items()))
     return "\n".join(lines)
+
+
+# --- `apertus info`: sizes, FLOPs and memory of one model ------------------------------------------------------------
+
+
+def model_info(model: str, seq_len: int = 4096, gpus: int = 1) -> str:
+    """Parameters, shape, FLOPs per token and memory of a preset, config.json, checkpoint directory or hub id, as
+    text. The training memory is `memory_per_gpu`'s, the model `--dry-run` plans with, for one sequence of seq_len
+    tokens per GPU (only config.json is read)."""
+    from ..config import PRESETS, preset
+
+    cfg = preset(model) if model in PRESETS else load_config(resolve_checkpoint_dir(model, files=["config.json"]))
+    n, n_emb = cfg.num_params(), cfg.vocab_size * cfg.hidden_size
+    rope = f"llama3 x{cfg.rope_scaling['factor']:g}" if cfg.rope_scaling else "default"
+
+    def gib(n_bytes: float) -> str:
+        return f"{n_bytes / 2**30:,.1f} GiB"
+
+    def memory(optim: str, checkpointing: bool) -> dict[str, float]:
+        r = Recipe(model=cfg, init_from=None, data=PretrainData(), optim=Optim(name=optim), schedule=Schedule(),
+                   train=PretrainTrain(seq_len=seq_len, activation_checkpointing=checkpointing),
+                   checkpoint=Checkpoint(), eval=Eval(), stages=[])
+        return memory_per_gpu(r, gpus, Stage(seq_len=seq_len, micro_batch=1))
+
+    ademamix, adamw, ckpt = memory("ademamix", False), memory("adamw", False), memory("ademamix", True)
+    state = "weights+grads+optimizer (sharded)"
+    return "\n".join([
+        f"{model}: Apertus, {n / 1e9:.2f}B parameters ({n:,}; {(n - n_emb) / 1e9:.2f}B without the input embedding)",
+        f"  layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
+        f"{cfg.num_key_value_heads} x {cfg.head_dim}, MLP {cfg.intermediate_size} (xIELU), vocab {cfg.vocab_size}",
+        f"  RoPE theta {cfg.rope_theta:,.0f} ({rope}), context {cfg.max_position_embeddings:,}",
+        f"  FLOPs per token at seq {seq_len}: {cfg.flops_per_token(seq_len) / 1e9:,.1f} GFLOP training "
+        f"(6N + 12LHDT), {cfg.flops_per_token(seq_len, training=False) / 1e9:,.1f} GFLOP forward",
+        f"  weights: {gib(4 * n)} fp32, {gib(2 * n)} bf16",
+        f"  training memory per GPU on {gpus} GPU(s), one sequence of {seq_len} tokens each (as --dry-run plans):",
+        f"    fp32 weights + grads + AdEMAMix m1/m2/nu {gib(ademamix[state])} (AdamW: {gib(adamw[state])}), "
+        f"gathered parameters {gib(ademamix['gathered parameters'])}, activations {gib(ademamix['activations'])} "
+        f"({gib(ckpt['activations'])} with activation checkpointing), loss chunk {gib(ademamix['loss chunk'])}; "
+        f"total {gib(sum(ademamix.values()))}"])
