@@ -217,6 +217,12 @@ def apertus_tokenizer_path() -> Path:
     return rebuild_apertus(cache)
 
 
+def tokenizer_file(spec: str | Path) -> Path:
+    """What a recipe's `tokenizer = ...` names: "apertus" is the released tokenizer (`apertus_tokenizer_path`), anything
+    else a tokenizer.json or a folder holding one, as given."""
+    return apertus_tokenizer_path() if str(spec) == "apertus" else Path(spec)
+
+
 # --- training --------------------------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from ..config import data_root, load_toml
+from ..tokenizer import tokenizer_file
 from ..util import atomic_write_json, atomic_write_text, sha256_file
 from .langid import LangID
 from .optout import AI_AGENTS, RobotsOptOut, load_robots
@@ -74,7 +75,8 @@ def load_recipe(recipe: str | Path | dict) -> dict:
     r.setdefault("name", path.stem)
     ds = r.setdefault("dataset", {})
     if "tokenizer" not in ds:
-        raise ValueError(f"{path}: [dataset] tokenizer = \"path/to/tokenizer.json\" is required")
+        raise ValueError(f"{path}: [dataset] tokenizer = \"path/to/tokenizer.json\" (or \"apertus\") is required")
+    ds["tokenizer"] = str(tokenizer_file(ds["tokenizer"]))
     ds.setdefault("seed", 0)
     ds.setdefault("shard_tokens", 1 << 24)
     ds.setdefault("val_fraction", 0.05)

@@ -124,12 +124,12 @@ def schedule(o: Optim, steps: int):
 
 
 def load_tokenizer(path: str | None, init_from: str | None, vocab_size: int):
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer, tokenizer_file
 
     source = path or init_from
     if not source:
         raise ValueError("recipe: [data] tokenizer is not set and there is no [model] init_from to take it from")
-    tok = Tokenizer.from_file(source)
+    tok = Tokenizer.from_file(tokenizer_file(source))
     if tok.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer ({source}) has {tok.vocab_size:,} ids, more than the model's vocabulary "
                          f"({vocab_size:,})")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..tokenizer import tokenizer_file
 from .distributed import Dist, all_reduce_sum, init_distributed, launch, parallelize, run_job, under_torchrun
 from .loop import to_device, train
 from .loss import lm_loss, token_byte_lengths, token_cross_entropy
@@ -240,7 +241,7 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
     torch.manual_seed(t.seed)
     make_loader = make_loader or packed_loader(recipe, d)
     tokenizer = _dataset_tokenizer(recipe)  # also checks the model's vocabulary covers the dataset's ids
-    tokenizer = recipe.data.tokenizer or tokenizer
+    tokenizer = str(tokenizer_file(recipe.data.tokenizer)) if recipe.data.tokenizer else tokenizer
     if val_batches is None and recipe.eval.every and recipe.data.dataset:
         s0 = recipe.stages[0]
         val_batches = dataset_val_batches(recipe.data.dataset, s0.seq_len, s0.micro_batch, recipe.eval.batches, d,
