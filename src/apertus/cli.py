@@ -334,7 +334,7 @@ def cmd_serve(args) -> int:
           model_name=args.served_model_name, max_body_mb=args.max_body_mb, output_filter=_pii_filter_factory(args),
           log_level=args.log_level, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
           cache_gb=args.cache_gb, max_batch=args.max_batch, max_queue=args.max_queue, quantize=args.quantize,
-          compile=args.compile)
+          compile=args.compile, prefix_caching=args.prefix_caching)
     return 0
 
 
@@ -354,6 +354,8 @@ def _add_serve_commands(sub) -> None:
     s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (MiB); larger: 413")
     s.add_argument("--quantize", choices=["int8"], help="weight-only int8 (CPU)")
     s.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
+    s.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompts that start alike (default: on; --no-prefix-caching: off)")
     _add_pii_arguments(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
