@@ -208,6 +208,8 @@ def main():
         "rollouts": roll,
     }
     engine.close()
+    print(result, flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     path = atomic_write_json(Path(args.out) / f"prefix-{args.preset}{'-compile' if args.compile else ''}.json",
                              result)
     print(f"chat TTFT per turn (ms), on: {[round(x) for x in chat['on']]}\n"

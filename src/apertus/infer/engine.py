@@ -124,7 +124,8 @@ class Engine:
     """`Engine(checkpoint_dir | preset | model, tokenizer=None, dtype=None, ...)`.
 
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
-    prefix_caching: reuse the cached pages of prompts that start alike (see above); outputs are the same.
+    prefix_caching: reuse the cached pages of prompts that start alike (see above); the same outputs, up to the float
+    rounding that batching gives too.
     quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
     default.
