@@ -125,7 +125,7 @@ def wait_idle(engine, timeout=30):
     """Until the engine holds no request and every cache page is free (what a cancel must lead to)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not engine._running and not engine._waiting and len(engine.cache.free_pages) == engine.cache.n_pages:
+        if not engine._running and not engine._waiting and engine.cache.n_free == engine.cache.n_pages:
             return True
         time.sleep(0.02)
     return False

@@ -146,7 +146,7 @@ def test_preemption_when_the_cache_is_full_changes_nothing(ref_and_dir, engine):
     with Engine(ref_and_dir[1], cache_gb=256 * per_token / 2**30, page_size=8) as small:  # room for ~2 requests
         outs = small.generate(ps, sp)
         assert small.stats["preemptions"] > 0
-        assert len(small.cache.free_pages) == small.cache.n_pages  # everything given back
+        assert small.cache.n_free == small.cache.n_pages  # everything given back
     assert [o.output_ids for o in outs] == expected
 
 
@@ -211,7 +211,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
     h = engine.submit([1, 5, 6], SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError, match="boom"):
         h.result(timeout=60)
-    assert h.finish_reason == "error" and len(engine.cache.free_pages) == engine.cache.n_pages
+    assert h.finish_reason == "error" and engine.cache.n_free == engine.cache.n_pages
     assert engine.generate([[1, 5, 6]], SamplingParams(max_tokens=4))[0].finish_reason == "length"
 
 
@@ -221,9 +221,9 @@ def test_cancel_frees_the_cache_at_once(engine):
                       on_event=events.append)
     it = iter(h)
     next(it)
-    assert len(engine.cache.free_pages) < engine.cache.n_pages  # it holds pages while it runs
+    assert engine.cache.n_free < engine.cache.n_pages  # it holds pages while it runs
     h.cancel()
-    assert h.finish_reason == "cancelled" and len(engine.cache.free_pages) == engine.cache.n_pages
+    assert h.finish_reason == "cancelled" and engine.cache.n_free == engine.cache.n_pages
     assert list(it)[-1].finish_reason == "cancelled"
     assert events[-1].finish_reason == "cancelled" and len(h.output_ids) < 3000
     assert engine.generate([[1, 5]], SamplingParams(temperature=0, max_tokens=3))[0].finish_reason == "length"

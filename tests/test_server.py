@@ -273,9 +273,11 @@ def test_logprobs_are_the_engines(random_server):
     [ref] = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=3,
                                                      presence_penalty=0.5, frequency_penalty=1.5,
                                                      stop_token_ids=[2, 68, 72]))
-    assert [e.logprob for e in content] == pytest.approx(ref.logprobs, abs=1e-5)
+    # 1e-4, as for batched vs alone (test_engine): the prompt's first pages come from the prefix cache, computed
+    # for an earlier request in another batch, and the float sums differ in the last bits
+    assert [e.logprob for e in content] == pytest.approx(ref.logprobs, abs=1e-4)
     assert [[t.logprob for t in e.top_logprobs] for e in content] == [
-        pytest.approx([lp for _, lp in step], abs=1e-5) for step in ref.top_logprobs]
+        pytest.approx([lp for _, lp in step], abs=1e-4) for step in ref.top_logprobs]
     assert max(e.logprob for e in content) > -3  # a model with opinions, not a flat distribution
     assert [e.bytes for e in content] == [list(_vocab_bytes(i)) for i in ref.output_ids]
     assert "".join(e.token for e in content) == ref.text or "\\x" in "".join(e.token for e in content)

@@ -32,6 +32,8 @@ ENGINE = {
     "compile": dict(action="store_true", help=COMPILE_HELP),
 }
 SERVER_ENGINE = {
+    "prefix_caching": dict(action=argparse.BooleanOptionalAction,
+                           help="reuse the KV cache of prompts that start alike (--no-prefix-caching: off)"),
     "max_batch": dict(type=int, help="requests decoded together"),
     "max_queue": dict(type=int, help="requests waiting; more are answered 503"),
 }

@@ -4,23 +4,39 @@ Keys and values of all sequences live in one (n_kv, tokens, head_dim) tensor per
 stacked buffer: torch.compile then writes a step's keys in place instead of copying the buffer), handed out in pages
 of `page_size` token slots, so one long request and many short ones share the same memory (no per-slot maximum length).
 One extra page stays zero: rows of a decode batch shorter than the longest read it as (masked) padding keys.
+
+Prefix caching (on unless prefix_caching=False): a full page is keyed by the hash of ALL tokens up to its end (a
+chain: the previous page's hash + this page's tokens), so equal keys mean equal keys-and-values, and a request whose
+prompt starts like an earlier one takes those pages instead of computing them again. Shared pages are read-only
+(a request only ever writes at positions past its matched pages, and only full pages are matched, so the last,
+partial page is always its own) and reference-counted. A page nobody holds any more keeps its keys while its hash is
+known: it waits among the evictable pages, taken back least-recently-released first when no blank page is left;
+a page held by a running request is never evicted.
 """
 
 from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
 
 import torch
 
 
 class PagedKVCache:
-    def __init__(self, cfg, n_pages: int, page_size: int, dtype: torch.dtype, device):
-        self.page_size, self.n_pages = page_size, n_pages
+    def __init__(self, cfg, n_pages: int, page_size: int, dtype: torch.dtype, device, prefix_caching: bool = True):
+        self.page_size, self.n_pages, self.prefix_caching = page_size, n_pages, prefix_caching
         slots = (n_pages + 1) * page_size  # + the zero page (page number n_pages)
         shape = (cfg.num_key_value_heads, slots, cfg.head_dim)
         # zeros, not empty: masked keys still multiply their (zero) values, and NaN * 0 would leak into outputs
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.dtype, self.device = dtype, torch.device(device)
-        self.free_pages = list(range(n_pages - 1, -1, -1))  # pop() hands out low pages first
+        self.free_pages = list(range(n_pages - 1, -1, -1))  # blank pages; pop() hands out low pages first
+        self.refs = [0] * n_pages  # requests holding each page
+        self.page_hash: list[bytes | None] = [None] * n_pages  # the key of a full page whose keys are kept
+        self.by_hash: dict[bytes, int] = {}  # key -> page
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # held by nobody, hash known; oldest first
 
     @staticmethod
     def bytes_per_token(cfg, dtype: torch.dtype) -> int:
@@ -35,17 +51,75 @@ class PagedKVCache:
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
 
+    @property
+    def n_free(self) -> int:
+        """Pages a request can take: blank ones and cached ones nobody holds."""
+        return len(self.free_pages) + len(self.evictable)
+
     def grow(self, pages: list[int], n_tokens: int) -> bool:
-        """Extend a sequence's page list to hold n_tokens; False (and nothing taken) when the cache is full."""
+        """Extend a sequence's page list to hold n_tokens; False (and nothing taken) when the cache is full.
+        Blank pages go first; then the least recently released cached page is evicted (its key forgotten)."""
         need = self.pages_for(n_tokens) - len(pages)
-        if need > len(self.free_pages):
+        if need > self.n_free:
             return False
-        pages.extend(self.free_pages.pop() for _ in range(max(need, 0)))
+        for _ in range(max(need, 0)):
+            if self.free_pages:
+                page = self.free_pages.pop()
+            else:
+                page, _ = self.evictable.popitem(last=False)
+                del self.by_hash[self.page_hash[page]]
+                self.page_hash[page] = None
+            self.refs[page] = 1
+            pages.append(page)
         return True
 
     def release(self, pages: list[int]):
-        """Give a sequence's pages back. The list itself is left alone: a forward in flight may still read it."""
-        self.free_pages.extend(reversed(pages))
+        """Give a sequence's pages back. The list itself is left alone: a forward in flight may still read it.
+        Released last page first, so that a prompt's tail is evicted before the prefix other prompts share."""
+        for page in reversed(pages):
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                if self.page_hash[page] is None:
+                    self.free_pages.append(page)
+                else:
+                    self.evictable[page] = None
+
+    def hashes(self, tokens: list[int], known: list[bytes], n_pages: int) -> list[bytes]:
+        """Extend `known` (the keys of the first pages of tokens) to the first n_pages full pages; returns it.
+        A cryptographic hash: with a plain one, a client could craft a prompt whose key collides with another
+        client's prefix and read answers computed from that client's keys and values."""
+        P = self.page_size
+        for i in range(len(known), min(n_pages, len(tokens) // P)):
+            parent = known[i - 1] if i else b""
+            known.append(hashlib.blake2b(parent + array("q", tokens[i * P:(i + 1) * P]).tobytes(),
+                                         digest_size=16).digest())
+        return known
+
+    def match(self, pages: list[int], keys: list[bytes]) -> int:
+        """Take the cached pages of `keys` that follow a sequence's `pages` (which must all be full, matched or
+        computed): a reference each. Returns how many were taken."""
+        if not self.prefix_caching:
+            return 0
+        taken = 0
+        for key in keys[len(pages):]:
+            page = self.by_hash.get(key)
+            if page is None:
+                break
+            if self.refs[page] == 0:
+                del self.evictable[page]
+            self.refs[page] += 1
+            pages.append(page)
+            taken += 1
+        return taken
+
+    def register(self, pages: list[int], keys: list[bytes]):
+        """Remember the keys of a sequence's full, computed pages (keys[i] for pages[i]). A key already cached on
+        another page (two requests computed the same prefix at once) keeps that page; this one stays private."""
+        if not self.prefix_caching:
+            return
+        for page, key in zip(pages, keys, strict=False):
+            if self.page_hash[page] is None and key not in self.by_hash:
+                self.page_hash[page], self.by_hash[key] = key, page
 
     def _table(self, page_tables: list[list[int]]) -> torch.Tensor:
         """(rows, pages) page numbers, padded with the zero page (never written)."""

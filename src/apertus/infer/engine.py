@@ -15,6 +15,12 @@ output recomputed later), so admission needs only the prompt to fit. Stop tokens
 request; text is detokenized incrementally (tokenizers' DecodeStream: no broken UTF-8 between chunks) and the last
 len(longest stop string) - 1 characters are held back so a streamed stop string is never shown.
 
+Prefix caching (prefix_caching=True, the default; cache.py): before a request computes its prompt, it takes the
+full pages that an earlier request with the same leading tokens left in the cache (a shared system prompt, the
+history of a chat, n samples of one prompt) and feeds only the rest, as a prompt continued in a later chunk. When
+an older request computes a page in this step that a younger one would compute too (n samples of one prompt
+admitted together), the younger waits one step and takes it from the cache.
+
 A caller holds a Request (request.py: the stream, the results, cancel); the scheduler keeps its own Sequence per
 request (tokens, cache pages, sampler and detokenizer state) and hands the Request each Delta. An output filter (the
 PII filter) runs on the Request's stream, so the scheduler sees only the model's own text.
@@ -54,6 +60,9 @@ class Sequence:
         self.tokens = list(handle.prompt_ids)  # prompt + output: what the model reads
         self.n_cached = 0
         self.pages: list[int] = []
+        self.keys: list[bytes] = []  # prefix-cache keys of its full pages (tokens only grow: they stay valid)
+        self.n_registered = 0  # pages whose keys are in the cache
+        self.counted = False  # its prompt counted in the prefix-cache statistics
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.gen = torch.Generator().manual_seed(seed)
         self.text = ""  # the output's text as detokenized (before any output filter)
@@ -115,6 +124,8 @@ class Engine:
     """`Engine(checkpoint_dir | preset | model, tokenizer=None, dtype=None, ...)`.
 
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
+    prefix_caching: reuse the cached pages of prompts that start alike (see above); the same outputs, up to the float
+    rounding that batching gives too.
     quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
     default.
@@ -125,7 +136,8 @@ class Engine:
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
                  cache_gb: float = 2.0, max_batch: int = 64, prefill_chunk: int = 2048, max_queue: int = 1024,
-                 page_size: int = 16, quantize: str | None = None, output_filter=None, compile: bool = False):
+                 page_size: int = 16, quantize: str | None = None, output_filter=None, compile: bool = False,
+                 prefix_caching: bool = True):
         from ..checkpoint import load_model, parse_dtype, resolve_checkpoint_dir
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,8 +184,9 @@ class Engine:
         if tokens < page_size:
             raise ValueError(f"engine: cache_gb = {cache_gb} holds {tokens} tokens ({per_token:,} bytes each); "
                              "raise it")
-        self.cache = PagedKVCache(self.config, tokens // page_size, page_size, kv_dtype, device)
-        self.stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0}
+        self.cache = PagedKVCache(self.config, tokens // page_size, page_size, kv_dtype, device, prefix_caching)
+        self.stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0,
+                      "prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
         self._lock = threading.Condition()
         self._step_lock = threading.Lock()  # one step at a time, by the engine thread or a generate() caller
         self._waiting: deque[Sequence] = deque()
@@ -345,13 +358,13 @@ class Engine:
     def _preempt(self, seq: Sequence):
         self.cache.release(seq.pages)
         seq.pages = []
-        seq.n_cached = 0
+        seq.n_cached = seq.n_registered = 0
         self._running.remove(seq)
         self._waiting.appendleft(seq)
         self.stats["preemptions"] += 1
 
     def _admit(self):
-        free = len(self.cache.free_pages)
+        free = self.cache.n_free
         while self._waiting and len(self._running) < self.max_batch:
             need = self.cache.pages_for(len(self._waiting[0].tokens) + 1)
             if need > free and self._running:  # wait for room (FIFO: nobody overtakes); alone, it always fits
@@ -363,8 +376,11 @@ class Engine:
     def _plan(self):
         """Rows of this step, (request, tokens to feed, its page list), for decoding requests and prompt chunks."""
         decode, prefill, budget = [], [], self.prefill_chunk
+        claimed: set[bytes] = set()  # keys of the pages this step's prompt chunks compute
         for seq in list(self._running):
             if seq not in self._running:  # preempted below for an older request
+                continue
+            if len(seq.tokens) - seq.n_cached > 1 and not self._match_prefix(seq, claimed):
                 continue
             pending = len(seq.tokens) - seq.n_cached
             n = 1 if pending == 1 else min(pending, budget)
@@ -377,7 +393,40 @@ class Engine:
             else:  # the page list goes along: a cancel during the forward swaps seq.pages, not this list
                 (decode if pending == 1 else prefill).append((seq, n, seq.pages))
                 budget -= n if pending > 1 else 0
+                self._count_prefix(seq)
+                if pending > 1 and self.cache.prefix_caching:
+                    P = self.cache.page_size
+                    end = (seq.n_cached + n) // P
+                    claimed.update(self.cache.hashes(seq.tokens, seq.keys, end)[seq.n_cached // P:end])
         return decode, prefill
+
+    def _match_prefix(self, seq: Sequence, claimed: set[bytes]) -> bool:
+        """Extend a request that has computed nothing past its full pages with the cached pages that follow. False
+        when its next page is computed in this step by an older request: it waits a step and takes that from the
+        cache. A match stops one token short of the end: the last token's forward gives the next token."""
+        P = self.cache.page_size
+        if not self.cache.prefix_caching or len(seq.pages) * P != seq.n_cached:
+            return True
+        limit = (len(seq.tokens) - 1) // P
+        keys = self.cache.hashes(seq.tokens, seq.keys, limit)[:limit]
+        seq.n_cached += P * self.cache.match(seq.pages, keys)
+        return len(seq.pages) == len(keys) or keys[len(seq.pages)] not in claimed
+
+    def _count_prefix(self, seq: Sequence):
+        """The first time a request is planned: its prompt tokens looked up and found in the prefix cache."""
+        if not seq.counted:
+            seq.counted = True
+            seq.handle.cached_tokens = min(seq.n_cached, seq.n_prompt)
+            self.stats["prefix_queried_tokens"] += seq.n_prompt
+            self.stats["prefix_hit_tokens"] += seq.handle.cached_tokens
+
+    def _register(self, seq: Sequence):
+        """Offer the pages a forward has just filled to the prefix cache."""
+        full = seq.n_cached // self.cache.page_size
+        if self.cache.prefix_caching and full > seq.n_registered:
+            keys = self.cache.hashes(seq.tokens, seq.keys, full)
+            self.cache.register(seq.pages[seq.n_registered:full], keys[seq.n_registered:full])
+            seq.n_registered = full
 
     # --- the engine thread -----------------------------------------------------------------------------------------
 
@@ -434,6 +483,7 @@ class Engine:
                 for seq, n, _ in group:
                     if not seq.finished and seq in self._running:
                         seq.n_cached += n
+                        self._register(seq)
             if sampled is not None:
                 tokens, lps, top_ids, top_lps = (x.tolist() if x is not None else None for x in sampled)
                 for b, seq in enumerate(rows):

@@ -48,6 +48,7 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: BaseException | None = None
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache (set when its prompt is first planned)
         self._cancel, self._on_event = cancel, on_event
         # one filter per request (feed(text) -> text, flush() -> text): redacts what is streamed and `text` alike
         self._filter = output_filter() if output_filter is not None else None

@@ -38,6 +38,11 @@ class ChatAnswer:
                      "created": int(time.time()), "model": state.model_name}
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
+    def usage(self, handles) -> dict:
+        # cached: what the first choice found in the prefix cache; the other choices of the same prompt also
+        # take the pages the first one computes, but that is this request's own prompt, not a cached one
+        return usage(len(self.ids), handles, handles[0].cached_tokens)
+
     def reply(self) -> Reply:
         return Reply(self.prefix, self.state.output_filter)
 
@@ -58,7 +63,7 @@ class ChatAnswer:
                 message["tool_calls"] = calls
             choices.append({"index": i, "message": message, "finish_reason": reply.finish_reason(h.finish_reason),
                             "logprobs": self.logprobs(h.output_ids, h.logprobs, h.top_logprobs)})
-        body = {**self.head, "choices": choices, "usage": usage(len(self.ids), handles)}
+        body = {**self.head, "choices": choices, "usage": self.usage(handles)}
         return with_ids(body, self.req, [self.ids], handles)
 
     def chunk(self, i, delta, finish=None, logprobs=None) -> str:
@@ -78,7 +83,7 @@ class ChatAnswer:
                 yield line
         if self.include_usage:
             yield sse({**self.head, "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage(len(self.ids), handles)})
+                       "usage": self.usage(handles)})
 
     def pieces(self, i: int, d, reply: Reply) -> list[str]:
         """The chunks of one Delta of choice i: text split into reasoning and content, then at the end the tool

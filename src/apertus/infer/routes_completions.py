@@ -55,6 +55,12 @@ class CompletionAnswer:
         self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         self.n_prompt = sum(len(ids) for ids in encoded)
 
+    def usage(self, handles) -> dict:
+        """prompt_tokens counts each prompt once, so cached_tokens does too: its first choice's (jobs are prompt by
+        prompt, n choices each)."""
+        n = len(handles) // len(self.encoded)
+        return usage(self.n_prompt, handles, sum(h.cached_tokens for h in handles[::n]))
+
     def logprobs(self, ids, lps, tops, offset=0):
         if self.req.logprobs is None:
             return None
@@ -66,7 +72,7 @@ class CompletionAnswer:
             text = Reply("", self.state.output_filter).text(h.text, True)
             choices.append({"index": i, "text": text, "finish_reason": h.finish_reason,
                             "logprobs": self.logprobs(h.output_ids, h.logprobs, h.top_logprobs)})
-        body = {**self.head, "choices": choices, "usage": usage(self.n_prompt, handles)}
+        body = {**self.head, "choices": choices, "usage": self.usage(handles)}
         return with_ids(body, self.req, self.encoded, handles)
 
     async def chunks(self, handles, events):
@@ -83,4 +89,4 @@ class CompletionAnswer:
                                                  "finish_reason": d.finish_reason}]}
                 yield sse({**out, "usage": None} if self.include_usage else out)
         if self.include_usage:
-            yield sse({**self.head, "choices": [], "usage": usage(self.n_prompt, handles)})
+            yield sse({**self.head, "choices": [], "usage": self.usage(handles)})

@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from . import routes_chat, routes_completions, routes_meta
 from .openai_schema import APIError
-from .server_metrics import count_requests
+from .server_metrics import EngineCounters, count_requests
 from .server_state import ServerState
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def create_app(engine, model_name: str = "apertus", api_key: str | None = None, 
     app = FastAPI(title="apertus", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.engine, app.state.metrics = state, engine, state.metrics
     app.add_middleware(count_requests, metrics=state.metrics)
+    state.metrics.registry.register(EngineCounters(engine))
     add_error_handlers(app)
     for router in (routes_chat.router, routes_completions.router, routes_meta.models, routes_meta.health,
                    routes_meta.web):

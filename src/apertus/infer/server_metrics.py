@@ -32,6 +32,23 @@ def new_metrics():
     )
 
 
+class EngineCounters:
+    """Counters the engine keeps (read at each scrape): prompt tokens looked up in the prefix cache and found
+    there; the hit rate is hits / queries (vLLM's prefix_cache_queries / prefix_cache_hits)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = self.engine.stats
+        yield CounterMetricFamily("apertus_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=stats["prefix_queried_tokens"])
+        yield CounterMetricFamily("apertus_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  value=stats["prefix_hit_tokens"])
+
+
 def count_requests(app, metrics):
     """ASGI middleware: status and duration of every HTTP response, by route (unknown paths as "other")."""
 

@@ -75,9 +75,11 @@ class SSEStream(StreamingResponse):
                 h.cancel()
 
 
-def usage(n_prompt: int, handles) -> dict:
+def usage(n_prompt: int, handles, cached: int = 0) -> dict:
+    """The OpenAI usage object; cached: prompt tokens found in the prefix cache (prompt_tokens_details)."""
     n_out = sum(len(h.output_ids) for h in handles)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def with_ids(body: dict, req, prompts: list[list[int]], handles) -> dict:
