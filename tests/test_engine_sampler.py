@@ -19,6 +19,7 @@ from apertus.infer.sampler import (
     filtered_probs,
     sample,
 )
+from apertus.infer.structured import MASKED
 
 
 def hf_probs(logits, temperature, top_k, top_p, min_p):
@@ -142,9 +143,8 @@ def test_logit_bias_plus_100_forces_and_minus_100_bans_greedy_and_sampled():
 def test_grammar_masks_restrict_rows_and_leave_the_others_alone():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(3, 50, generator=g)
-    masks = torch.ones(3, 50, dtype=torch.bool)
-    masks[0] = False
-    masks[0, [5, 9]] = True
+    masks = [torch.full((50,), MASKED), None, None]
+    masks[0][[5, 9]] = 0
     params = [SamplingParams(temperature=1.0, json_schema={"type": "object"}), SamplingParams(temperature=1.0),
               SamplingParams(temperature=0)]
     alone = [sample(logits[b:b + 1], [params[b]], [torch.Generator().manual_seed(b)])[0].item() for b in (1, 2)]

@@ -4,7 +4,7 @@ greedy, per-request seeds, log-probabilities.
 Semantics follow transformers' logits processors (the reference the tests compare against), applied in their order:
 repetition penalty (over prompt + output), then OpenAI presence/frequency penalties (over the output only, as vLLM),
 OpenAI logit_bias (added to the logits), the grammar mask of a constrained request (structured.py: tokens the
-grammar forbids get -inf), temperature, top-k, top-p (on the distribution left by top-k), min-p. Reported
+grammar forbids get -1e30), temperature, top-k, top-p (on the distribution left by top-k), min-p. Reported
 log-probabilities are those of the model itself (log-softmax of the raw logits), which is what evaluation and the QRPO
 loss need.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 MAX_TOP_LOGPROBS = 20
@@ -133,17 +134,23 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_s
     return logits
 
 
-def apply_bias_and_masks(logits: torch.Tensor, params: list[SamplingParams], masks: torch.Tensor | None):
-    """In place on (B, V) fp32 logits: each row's logit_bias, then its grammar mask (`masks`: bool (B, V), True =
-    allowed, rows of unconstrained requests all True; None when no row is constrained). Bias ids beyond the
-    vocabulary are ignored (the server checks them against the tokenizer)."""
+def apply_bias_and_masks(logits: torch.Tensor, params: list[SamplingParams], masks: list | None):
+    """In place on (B, V) fp32 logits: each row's logit_bias, then its grammar mask (`masks[b]`: float (V,) added
+    to the row, 0 for allowed tokens and -1e30 for the others, None for an unconstrained row; structured.fill_masks).
+    Bias ids beyond the vocabulary are ignored (the server checks them against the tokenizer)."""
     V = logits.shape[1]
     for b, p in enumerate(params):
         if p.logit_bias:
             ids = [t for t in p.logit_bias if t < V]
             logits[b, ids] += torch.tensor([float(p.logit_bias[t]) for t in ids], device=logits.device)
-    if masks is not None:
-        logits.masked_fill_(~masks, float("-inf"))
+    cpu = logits.numpy() if logits.device.type == "cpu" else None
+    for b, m in enumerate(masks or []):
+        if m is None:
+            continue
+        if cpu is not None:  # numpy: torch's add would start an OpenMP region (costly on a busy CPU)
+            np.add(cpu[b], m.numpy(), out=cpu[b])
+        else:
+            logits[b] += m
     return logits
 
 
@@ -175,10 +182,10 @@ def filtered_probs(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> to
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           prompt_seen: list | None = None, out_counts: list | None = None, masks: torch.Tensor | None = None):
+           prompt_seen: list | None = None, out_counts: list | None = None, masks: list | None = None):
     """Choose one token per row of (B, V) logits. Returns (tokens (B,), logprobs (B,), top_ids (B, n), top_lp (B, n))
     where logprobs are the model's (raw log-softmax) and n is the largest top_logprobs asked for (0 if none).
-    `masks`: bool (B, V) of the tokens each row's grammar allows (None: no row is constrained)."""
+    `masks`: per row, the grammar's additive mask or None (structured.fill_masks; None: no row is constrained)."""
     logits = raw = logits.float()
     raw_logprobs = None
     if any(p.logprobs or p.top_logprobs for p in params):
@@ -186,7 +193,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if any(p.penalized for p in params):
         logits = apply_penalties(logits.clone(), params, prompt_seen, out_counts)
     if masks is not None or any(p.logit_bias for p in params):
-        logits = apply_bias_and_masks(logits if logits is not raw else logits.clone(), params, masks)
+        mine = logits if logits is not raw else (
+            torch.from_numpy(logits.numpy().copy()) if logits.device.type == "cpu" else logits.clone())
+        logits = apply_bias_and_masks(mine, params, masks)
     tokens = logits.argmax(-1)
     sampled = [b for b, p in enumerate(params) if not p.greedy]
     if sampled:

@@ -22,11 +22,15 @@ import json
 import threading
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from .sampler import SamplingParams
 
 JSON_OPTIONS = {"whitespace_flexible": False}
+# added to the logits of forbidden tokens: finite, so a row whose grammar allows nothing (a matcher in error) gives
+# no NaN, and large enough that exp() of it is exactly 0 in fp32 at any temperature
+MASKED = -1e30
 _TOKENIZERS: dict[tuple, object] = {}  # (sha256 of tokenizer.json, vocab, eos) -> LLTokenizer (~1-8 s to build)
 _TOKENIZERS_LOCK = threading.Lock()
 
@@ -95,23 +99,26 @@ class Grammars:
         return start.deep_copy()
 
 
-def fill_masks(matchers: list, vocab_size: int, device) -> torch.Tensor | None:
-    """Bool (B, V) of the tokens each row may take next (all True for rows whose matcher is None); None when no row
-    is constrained."""
+def fill_masks(matchers: list, vocab_size: int, device) -> list | None:
+    """Per row, what to add to its logits: float32 (V,) of 0 (allowed) or MASKED, or None for an unconstrained row;
+    None when no row is constrained. Built with numpy: element-wise torch ops over 131k logits each start an OpenMP
+    region, which on a busy CPU costs more than the mask itself."""
     from llguidance.torch import fill_next_token_bitmask
 
     rows = [b for b, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
-    words = (vocab_size + 31) // 32
-    bits = torch.empty(len(rows), words, dtype=torch.int32)
+    bits = np.empty((len(rows), (vocab_size + 31) // 32), dtype=np.int32)
+    view = torch.from_numpy(bits)
     for k, b in enumerate(rows):
-        fill_next_token_bitmask(matchers[b], bits, k)
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bits[:, :, None] >> shifts) & 1).bool().view(len(rows), words * 32)[:, :vocab_size]
-    masks = torch.ones(len(matchers), vocab_size, dtype=torch.bool)
-    masks[rows] = allowed
-    return masks.to(device, non_blocking=True)
+        fill_next_token_bitmask(matchers[b], view, k)
+    add = np.unpackbits(bits.view(np.uint8), axis=1, count=vocab_size, bitorder="little").astype(np.float32)
+    add -= 1
+    add *= -MASKED
+    masks = [None] * len(matchers)
+    for k, b in enumerate(rows):
+        masks[b] = torch.from_numpy(add[k]).to(device, non_blocking=True)
+    return masks
 
 
 # --- tool calls ------------------------------------------------------------------------------------------------------
