@@ -103,15 +103,12 @@ def fill_masks(matchers: list, vocab_size: int, device) -> list | None:
     """Per row, what to add to its logits: float32 (V,) of 0 (allowed) or MASKED, or None for an unconstrained row;
     None when no row is constrained. Built with numpy: element-wise torch ops over 131k logits each start an OpenMP
     region, which on a busy CPU costs more than the mask itself."""
-    from llguidance.torch import fill_next_token_bitmask
-
     rows = [b for b, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
     bits = np.empty((len(rows), (vocab_size + 31) // 32), dtype=np.int32)
-    view = torch.from_numpy(bits)
-    for k, b in enumerate(rows):
-        fill_next_token_bitmask(matchers[b], view, k)
+    for k, b in enumerate(rows):  # llguidance.torch's helper would import torch.compile machinery (seconds)
+        matchers[b].unsafe_compute_mask_ptr(bits[k].ctypes.data, bits[k].nbytes)
     add = np.unpackbits(bits.view(np.uint8), axis=1, count=vocab_size, bitorder="little").astype(np.float32)
     add -= 1
     add *= -MASKED
