@@ -19,6 +19,7 @@ from apertus.infer.sampler import (
     filtered_probs,
     sample,
 )
+from apertus.infer.structured import MASKED
 
 
 def hf_probs(logits, temperature, top_k, top_p, min_p):
@@ -112,3 +113,51 @@ def test_parameters_are_checked_and_defaults_come_from_generation_config():
     assert (d["temperature"], d["top_p"], d["stop_token_ids"]) == (0.8, 0.9, [2])
     p = SamplingParams(top_p=0.5).resolved(d)
     assert (p.temperature, p.top_p, p.stop_token_ids) == (0.8, 0.5, [2])
+
+
+def test_logit_bias_plus_100_forces_and_minus_100_bans_greedy_and_sampled():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(400, 300, generator=g) * 3
+    top = logits.argmax(-1)
+    for temperature in (0.0, 1.0):
+        gens = [torch.Generator().manual_seed(i) for i in range(400)]
+        forced = [SamplingParams(temperature=temperature, logit_bias={7: 100})] * 400
+        tokens, *_ = sample(logits, forced, gens)
+        assert tokens.tolist() == [7] * 400
+        # each row bans its own most likely token; unbiased draws take it often, biased ones never
+        banned = [SamplingParams(temperature=temperature, logit_bias={int(top[b]): -100}) for b in range(400)]
+        plain = [SamplingParams(temperature=temperature)] * 400
+        tokens, *_ = sample(logits, banned, [torch.Generator().manual_seed(i) for i in range(400)])
+        free, *_ = sample(logits, plain, [torch.Generator().manual_seed(i) for i in range(400)])
+        assert not (tokens == top).any() and (free == top).sum() > 100
+    # the bias is added to the logits before temperature and top-p (OpenAI's semantics), e.g. +1 on token 0
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    p = SamplingParams(temperature=0.5, top_p=0.9, logit_bias={0: 1.0})
+    probs = filtered_probs(logits + torch.tensor([[1.0, 0, 0]]), torch.tensor([0.5]), torch.tensor([0]),
+                           torch.tensor([0.9]), torch.tensor([0.0]))[0]
+    draws, *_ = sample(logits.repeat(4000, 1), [p] * 4000, [torch.Generator().manual_seed(i) for i in range(4000)])
+    freq = torch.bincount(draws, minlength=3).float() / 4000
+    assert (freq - probs).abs().max() < 0.03 and freq[0] > 0.05, (freq, probs)
+
+
+def test_grammar_masks_restrict_rows_and_leave_the_others_alone():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 50, generator=g)
+    masks = [torch.full((50,), MASKED), None, None]
+    masks[0][[5, 9]] = 0
+    params = [SamplingParams(temperature=1.0, json_schema={"type": "object"}), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0)]
+    alone = [sample(logits[b:b + 1], [params[b]], [torch.Generator().manual_seed(b)])[0].item() for b in (1, 2)]
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed)] + [torch.Generator().manual_seed(b) for b in (1, 2)]
+        tokens, lp, *_ = sample(logits, params, gens, masks=masks)
+        assert tokens[0].item() in (5, 9) and tokens[1:].tolist() == alone
+
+
+def test_logit_bias_and_grammar_fields_are_checked():
+    for bad in ({-1: 5.0}, {3: 101}, {3: -100.5}, {"3": 1.0}, {True: 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+    with pytest.raises(ValueError, match="grammar"):
+        SamplingParams(json_schema={"type": "object"}, grammar='start: "a"')
+    assert SamplingParams(grammar='start: "a"').constrained and not SamplingParams().constrained

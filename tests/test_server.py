@@ -382,7 +382,7 @@ def test_errors_in_openai_shape_with_the_right_status(chat_server):
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                            "properties": {"a": {"type": 5}}}}}]}, None),
         (openai.BadRequestError, {"model": MODEL, "messages": user, "tool_choice": "required"}, None),
-        (openai.BadRequestError, {"model": MODEL, "messages": user, "logit_bias": {"5": 10}}, None),
+        (openai.BadRequestError, {"model": MODEL, "messages": user, "logit_bias": {"5": 150}}, None),
         (openai.UnprocessableEntityError, {"model": MODEL, "messages": user, "temperature": "hot"}, None),
         (openai.UnprocessableEntityError, {"model": MODEL, "messages": "Hi"}, None),
         (openai.UnprocessableEntityError, {"model": MODEL}, None),

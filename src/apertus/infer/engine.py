@@ -12,7 +12,9 @@ single rows (chunked prefill: a long prompt never stalls the others for more tha
 values go to a paged cache sized
 from a memory budget (cache.py); when it fills up, the youngest request is preempted (its pages freed, its prompt and
 output recomputed later), so admission needs only the prompt to fit. Stop tokens, stop strings and max_tokens end a
-request; text is detokenized incrementally (tokenizers' DecodeStream: no broken UTF-8 between chunks) and the last
+request, and so does the end of a constrained request's grammar (structured.py: before each sampling step the
+grammar's matcher masks the tokens it forbids, row by row, so constrained and free requests share a step); text is
+detokenized incrementally (tokenizers' DecodeStream: no broken UTF-8 between chunks) and the last
 len(longest stop string) - 1 characters are held back so a streamed stop string is never shown.
 
 Prefix caching (prefix_caching=True, the default; cache.py): before a request computes its prompt, it takes the
@@ -39,6 +41,7 @@ import torch
 from .cache import PagedKVCache
 from .request import Delta, Request
 from .sampler import SamplingParams, defaults_from_generation_config, sample
+from .structured import Grammars, fill_masks
 
 __all__ = ["Delta", "Engine", "EngineBusy", "Request", "SamplingParams"]
 
@@ -69,6 +72,7 @@ class Sequence:
         self.emitted = 0  # characters of text already streamed
         self.decoder = None
         self.prompt_seen = self.out_counts = None
+        self.matcher = None  # the grammar's state (llguidance LLMatcher) of a constrained request
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.error: BaseException | None = None
@@ -185,6 +189,7 @@ class Engine:
             raise ValueError(f"engine: cache_gb = {cache_gb} holds {tokens} tokens ({per_token:,} bytes each); "
                              "raise it")
         self.cache = PagedKVCache(self.config, tokens // page_size, page_size, kv_dtype, device, prefix_caching)
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.config.eos_token_id)
         self.stats = {"steps": 0, "forwards": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0,
                       "prefix_queried_tokens": 0, "prefix_hit_tokens": 0}
         self._lock = threading.Condition()
@@ -252,6 +257,7 @@ class Engine:
             raise ValueError(f"engine: prompt token ids must be in [0, {self.config.vocab_size})")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("engine: stop strings need a tokenizer")
+        matcher = self.grammars.matcher(params) if params.constrained else None
         limit = self.max_context
         if params.max_tokens is None:
             if len(ids) >= limit:
@@ -276,6 +282,7 @@ class Engine:
             handle = Request(f"req-{self._next_id}", ids, params, cancel=lambda: self._cancel(seq),
                              on_event=on_event, output_filter=self.output_filter)
             seq = Sequence(handle)
+            seq.matcher = matcher
             self._waiting.append(seq)
             if background:
                 self._start()
@@ -475,8 +482,9 @@ class Engine:
             for r in rows:
                 if r.params.penalized and r.out_counts is None:
                     self._init_penalty_state(r)
+            masks = fill_masks([r.matcher for r in rows], logits.shape[-1], logits.device)
             sampled = sample(logits, params, [r.gen for r in rows], [r.prompt_seen for r in rows],
-                             [r.out_counts for r in rows])
+                             [r.out_counts for r in rows], masks)
         out = []
         with self._lock:
             for group, _ in groups:
@@ -534,6 +542,8 @@ class Engine:
         if seq.out_counts is not None:
             seq.out_counts[token] += 1
         finish = None
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            log.warning("%s: token %d does not fit its grammar: %s", seq.handle.id, token, seq.matcher.get_error())
         if token in p.stop_token_ids and not p.ignore_eos:
             finish, seq.stop_reason = "stop", token
         elif self.tokenizer is not None:
@@ -550,6 +560,8 @@ class Engine:
                     if at >= 0:
                         seq.text, finish, seq.stop_reason = seq.text[:at], "stop", s
                         break
+        if finish is None and seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            finish = "stop"
         if finish is None and len(seq.tokens) - seq.n_prompt >= p.max_tokens:
             finish = "length"
         if finish is not None and not isinstance(seq.stop_reason, str):

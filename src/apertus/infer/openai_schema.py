@@ -14,15 +14,17 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..chat import INNER_PREFIX, INNER_SUFFIX, STOP_IDS, TOOLS_PREFIX, TOOLS_SUFFIX, parse_calls, render
 from .sampler import MAX_TOP_LOGPROBS, SamplingParams
+from .structured import lenient, tool_call_grammar
 
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
 MAX_STOP = 16  # stop strings per request, each at most 1,000 characters
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_CHOICES = 128  # prompts x n in one request
+MAX_BIAS = 1024  # logit_bias entries per request
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -132,8 +134,16 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Common(_Strict):
@@ -150,6 +160,7 @@ class _Common(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None  # on /v1/completions too, as vLLM
     # vLLM's extra sampling fields
     top_k: int | None = None
     min_p: float | None = None
@@ -166,7 +177,6 @@ class ChatRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     # thinking: vLLM's chat_template_kwargs {"enable_thinking": true}, or the top-level alias, or reasoning_effort
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
@@ -203,8 +213,54 @@ def _check(ok: bool, param: str, message: str):
         raise APIError(400, f"{param}: {message}", param=param)
 
 
+def _logit_bias(req, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias ({"token id": bias}) as ids; 400 for a key that is no token id or a bias beyond 100."""
+    if not req.logit_bias:
+        return None
+    _check(len(req.logit_bias) <= MAX_BIAS, "logit_bias", f"at most {MAX_BIAS} tokens")
+    out = {}
+    for key, bias in req.logit_bias.items():
+        _check(key.isascii() and key.isdigit() and int(key) < vocab_size, "logit_bias",
+               f"key {key[:20]!r} is not a token id in [0, {vocab_size})")
+        _check(-100 <= bias <= 100, "logit_bias", f"bias {bias} of token {key} must be in [-100, 100]")
+        out[int(key)] = float(bias)
+    return out
+
+
+def response_format(req) -> dict:
+    """The SamplingParams fields of response_format: {} for text, a JSON Schema for json_object / json_schema
+    (strict: keywords the grammar library cannot enforce are a 400; otherwise they are ignored)."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"json_schema": {"type": "object"}}
+    where = "response_format.json_schema"
+    _check(fmt.type == "json_schema", "response_format.type",
+           f"{fmt.type[:40]!r} is not one of 'text', 'json_object', 'json_schema'")
+    _check(fmt.json_schema is not None, where, "is required when type is 'json_schema'")
+    spec = fmt.json_schema
+    _check(bool(_TOOL_NAME.match(spec.name)), where + ".name", f"{spec.name[:80]!r} must be 1-64 letters, digits, "
+           "'_' or '-'")
+    schema = spec.schema_ if spec.schema_ is not None else {}
+    _check_schema(schema, where + ".schema")
+    return {"json_schema": schema if spec.strict else lenient(schema)}
+
+
+def _check_schema(schema: dict, where: str):
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        raise APIError(400, f"{where}: not a valid JSON Schema: {e.message[:300]}", param=where) from None
+    except RecursionError:
+        raise APIError(400, f"{where}: nested too deeply", param=where) from None
+
+
 def sampling_params(req, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                    stop_token_ids: list[int] | None) -> list[SamplingParams]:
+                    stop_token_ids: list[int] | None, vocab_size: int) -> list[SamplingParams]:
     """One SamplingParams per choice (n of them); choice i of a seeded request uses seed + i."""
     n = 1 if req.n is None else req.n
     _check(1 <= n <= MAX_N, "n", f"must be in [1, {MAX_N}], got {n}")
@@ -219,7 +275,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: bool, top_logprobs: i
            "must be in (0, 10]")
     _check(0 <= top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
     _check(req.seed is None or -2**63 <= req.seed < 2**64 - MAX_N, "seed", "must fit in 64 bits")
-    _check(not req.logit_bias, "logit_bias", "is not supported by this server")
+    bias = _logit_bias(req, vocab_size)
     _check(req.stream or req.stream_options is None, "stream_options", "is only allowed when stream is true")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     _check(len(stop) <= MAX_STOP and all(0 < len(s) <= 1000 for s in stop), "stop",
@@ -230,16 +286,13 @@ def sampling_params(req, max_tokens: int | None, logprobs: bool, top_logprobs: i
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         seed=None if req.seed is None else (req.seed + i) % 2**64, max_tokens=max_tokens, stop=stop,
         stop_token_ids=stop_token_ids, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-        top_logprobs=top_logprobs) for i in range(n)]
+        top_logprobs=top_logprobs, logit_bias=bias) for i in range(n)]
 
 
 # --- chat ------------------------------------------------------------------------------------------------------------
 
 
 def _check_tools(tools: list[Tool]) -> list[dict]:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
     out, names = [], set()
     for i, tool in enumerate(tools):
         f = tool.function
@@ -249,10 +302,7 @@ def _check_tools(tools: list[Tool]) -> list[dict]:
         names.add(f.name)
         if f.parameters is not None:
             where = f"tools.{i}.function.parameters"
-            try:
-                Draft202012Validator.check_schema(f.parameters)
-            except SchemaError as e:
-                raise APIError(400, f"{where}: not a valid JSON Schema: {e.message[:300]}", param=where) from None
+            _check_schema(f.parameters, where)
             _check(f.parameters.get("type", "object") == "object", where, 'the schema must have "type": "object"')
         out.append({"type": "function", "function": f.model_dump(exclude_none=True)})
     return out
@@ -268,13 +318,15 @@ def _thinking(req: ChatRequest) -> bool:
     return req.reasoning_effort not in (None, "none", "minimal")
 
 
-def chat_prompt(req: ChatRequest, tokenizer) -> tuple[list[int], str, bool]:
-    """(prompt ids, forced reply prefix, whether tools were offered).
+def chat_prompt(req: ChatRequest, tokenizer) -> tuple[list[int], str, bool, dict]:
+    """(prompt ids, forced reply prefix, whether tools were offered, constraint: the SamplingParams fields of
+    constrained decoding).
 
     The prompt is the Apertus chat format. After a tool result the model continues the same assistant turn (the
     format it was trained on) instead of opening a new one. tool_choice "required" or a named function writes the
     start of the call into the prompt (`<|tools_prefix|>` or `<|tools_prefix|>[{"name":`), so the model has to call;
-    "none" does not show the tools to the model.
+    "none" does not show the tools to the model. A forced call is also constrained to the declared tools: names and
+    arguments by their schemas (structured.tool_call_grammar); response_format constrains any other reply.
     """
     _check(len(req.messages) > 0, "messages", "must hold at least one message")
     messages = []
@@ -306,8 +358,11 @@ def chat_prompt(req: ChatRequest, tokenizer) -> tuple[list[int], str, bool]:
         prefix = TOOLS_PREFIX
     elif isinstance(choice, NamedToolChoice):
         prefix = TOOLS_PREFIX + "[{" + json.dumps(choice.function.name) + ":"
-    fmt = req.response_format.type if req.response_format else "text"
-    _check(fmt == "text", "response_format", f"type {fmt[:40]!r} is not supported (no constrained decoding)")
+    constraint = response_format(req)
+    if prefix:
+        _check(not constraint, "response_format", "cannot constrain a reply that tool_choice forces to be a call")
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        constraint = {"grammar": tool_call_grammar(tools, named, parallel=req.parallel_tool_calls is not False)}
     last = messages[-1]["role"]
     continue_turn = last == "tool" or (bool(req.continue_final_message) and last == "assistant")
     _check(not req.continue_final_message or last == "assistant", "continue_final_message",
@@ -320,7 +375,7 @@ def chat_prompt(req: ChatRequest, tokenizer) -> tuple[list[int], str, bool]:
         raise APIError(400, f"messages: {e}", param="messages") from None
     except RecursionError:
         raise APIError(400, "tools: a parameter schema is nested too deeply", param="tools") from None
-    return tokenizer.encode(text + prefix, bos=False), prefix, offered
+    return tokenizer.encode(text + prefix, bos=False), prefix, offered, constraint
 
 
 def chat_stop_ids(defaults: dict) -> list[int]:

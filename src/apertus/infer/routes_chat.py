@@ -22,9 +22,11 @@ async def chat_completions(request: Request, state: State):
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
-    params = sampling_params(req, max_tokens, bool(req.logprobs), top, chat_stop_ids(state.engine.defaults))
-    ids, prefix, _ = await run_in_threadpool(chat_prompt, req, state.tokenizer)
+    params = sampling_params(req, max_tokens, bool(req.logprobs), top, chat_stop_ids(state.engine.defaults),
+                             state.engine.config.vocab_size)
+    ids, prefix, _, constraint = await run_in_threadpool(chat_prompt, req, state.tokenizer)
     state.check_context(len(ids), max_tokens, "messages")
+    params = await state.constrain(params, constraint, "tool_choice" if prefix else "response_format")
     answer = ChatAnswer(state, req, ids, prefix)
     return await state.run(request, [(ids, p) for p in params], bool(req.stream), answer.respond, answer.chunks)
 

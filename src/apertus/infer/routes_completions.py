@@ -1,4 +1,7 @@
-"""POST /v1/completions: raw text or token-id prompts (several at once), whole or streamed."""
+"""POST /v1/completions: raw text or token-id prompts (several at once), whole or streamed.
+
+Structured outputs take the chat endpoint's `response_format` (json_object, json_schema), as vLLM's completions do;
+`logit_bias` is OpenAI's."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from .openai_schema import (
     APIError,
     CompletionRequest,
     completion_logprobs,
+    response_format,
     sampling_params,
     validate,
 )
@@ -30,7 +34,8 @@ async def completions(request: Request, state: State):
                      ("best_of", req.best_of in (None, req.n or 1))):
         if not ok:
             raise APIError(400, f"{name}: is not supported by this server", param=name)
-    params = sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0, None)
+    params = sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0, None,
+                             state.engine.config.vocab_size)
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(
         req.prompt[0], int) else [req.prompt]
     if not 1 <= len(prompts) <= MAX_PROMPTS:
@@ -38,6 +43,7 @@ async def completions(request: Request, state: State):
     encoded = await run_in_threadpool(lambda: [state.engine.encode(p) if isinstance(p, str) else p for p in prompts])
     for ids in encoded:
         state.check_context(len(ids), req.max_tokens, "prompt")
+    params = await state.constrain(params, response_format(req), "response_format")
     jobs = [(ids, p) for ids in encoded for p in params]
     if len(jobs) > MAX_CHOICES:
         raise APIError(400, f"n x prompts = {len(jobs)} choices; at most {MAX_CHOICES}", param="n")

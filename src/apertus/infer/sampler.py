@@ -3,8 +3,10 @@ greedy, per-request seeds, log-probabilities.
 
 Semantics follow transformers' logits processors (the reference the tests compare against), applied in their order:
 repetition penalty (over prompt + output), then OpenAI presence/frequency penalties (over the output only, as vLLM),
-temperature, top-k, top-p (on the distribution left by top-k), min-p. Reported log-probabilities are those of the
-model itself (log-softmax of the raw logits), which is what evaluation and the QRPO loss need.
+OpenAI logit_bias (added to the logits), the grammar mask of a constrained request (structured.py: tokens the
+grammar forbids get -1e30), temperature, top-k, top-p (on the distribution left by top-k), min-p. Reported
+log-probabilities are those of the model itself (log-softmax of the raw logits), which is what evaluation and the QRPO
+loss need.
 
 Sampling draws ONE uniform number per request and step from that request's own generator and inverts the filtered
 CDF, so a seeded request gives the same tokens whatever else is in the batch.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 MAX_TOP_LOGPROBS = 20
@@ -27,6 +30,11 @@ class SamplingParams:
 
     temperature 0 is greedy. max_tokens None runs to the end of the context (or of the cache budget). Stop token ids
     end generation and are kept in the output ids but not in the text; stop strings truncate the text before them.
+
+    logit_bias: {token id: bias in [-100, 100]} added to the logits (OpenAI: +100 forces a token, -100 bans it).
+    json_schema (a JSON Schema dict; {"type": "object"} for any object) or grammar (llguidance's Lark syntax, which
+    may embed `%json {...}` schemas and special tokens such as `<|tools_suffix|>`): constrained decoding; the output
+    follows it and the request ends when it is complete (or at max_tokens). See structured.py.
     """
 
     temperature: float | None = None
@@ -44,6 +52,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = False
+    logit_bias: dict[int, float] | None = None
+    json_schema: dict | None = None
+    grammar: str | None = None
     stop_strings: list[str] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -59,6 +70,8 @@ class SamplingParams:
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
+            ("logit_bias", _valid_bias(self.logit_bias), "must map token ids (>= 0) to biases in [-100, 100]"),
+            ("grammar", self.json_schema is None or self.grammar is None, "and json_schema: give one of them"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -71,12 +84,24 @@ class SamplingParams:
         return dataclasses.replace(self, **fill)
 
     @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.grammar is not None
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @property
     def penalized(self) -> bool:
         return (self.repetition_penalty not in (None, 1.0)) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _valid_bias(bias) -> bool:
+    if bias is None:
+        return True
+    return isinstance(bias, dict) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+        and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items())
 
 
 def defaults_from_generation_config(gen: dict, eos_token_id) -> dict:
@@ -109,6 +134,26 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_s
     return logits
 
 
+def apply_bias_and_masks(logits: torch.Tensor, params: list[SamplingParams], masks: list | None):
+    """In place on (B, V) fp32 logits: each row's logit_bias, then its grammar mask (`masks[b]`: float (V,) added
+    to the row, 0 for allowed tokens and -1e30 for the others, None for an unconstrained row; structured.fill_masks).
+    Bias ids beyond the vocabulary are ignored (the server checks them against the tokenizer)."""
+    V = logits.shape[1]
+    for b, p in enumerate(params):
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < V]
+            logits[b, ids] += torch.tensor([float(p.logit_bias[t]) for t in ids], device=logits.device)
+    cpu = logits.numpy() if logits.device.type == "cpu" else None
+    for b, m in enumerate(masks or []):
+        if m is None:
+            continue
+        if cpu is not None:  # numpy: torch's add would start an OpenMP region (costly on a busy CPU)
+            np.add(cpu[b], m.numpy(), out=cpu[b])
+        else:
+            logits[b] += m
+    return logits
+
+
 def filtered_probs(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
     """The distribution sampled from: softmax(logits / T) restricted by top-k, top-p and min-p, renormalised.
 
@@ -137,15 +182,20 @@ def filtered_probs(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> to
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           prompt_seen: list | None = None, out_counts: list | None = None):
+           prompt_seen: list | None = None, out_counts: list | None = None, masks: list | None = None):
     """Choose one token per row of (B, V) logits. Returns (tokens (B,), logprobs (B,), top_ids (B, n), top_lp (B, n))
-    where logprobs are the model's (raw log-softmax) and n is the largest top_logprobs asked for (0 if none)."""
-    logits = logits.float()
+    where logprobs are the model's (raw log-softmax) and n is the largest top_logprobs asked for (0 if none).
+    `masks`: per row, the grammar's additive mask or None (structured.fill_masks; None: no row is constrained)."""
+    logits = raw = logits.float()
     raw_logprobs = None
     if any(p.logprobs or p.top_logprobs for p in params):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     if any(p.penalized for p in params):
         logits = apply_penalties(logits.clone(), params, prompt_seen, out_counts)
+    if masks is not None or any(p.logit_bias for p in params):
+        mine = logits if logits is not raw else (
+            torch.from_numpy(logits.numpy().copy()) if logits.device.type == "cpu" else logits.clone())
+        logits = apply_bias_and_masks(mine, params, masks)
     tokens = logits.argmax(-1)
     sampled = [b for b, p in enumerate(params) if not p.greedy]
     if sampled:

@@ -9,6 +9,7 @@ client that goes away cancels its requests (their cache pages are free at once).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import secrets
@@ -18,6 +19,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .engine import EngineBusy
@@ -149,6 +151,18 @@ class ServerState:
                            f"model's context of {limit:,} tokens", param="max_tokens", code="context_length_exceeded")
 
     # --- through the engine ------------------------------------------------------------------------------------
+
+    async def constrain(self, params: list, constraint: dict, param: str) -> list:
+        """The choices' params with the constraint (SamplingParams fields), its grammar compiled off the event loop
+        (the engine keeps it for submit); 400 naming `param` when the grammar library cannot use it."""
+        if not constraint:
+            return params
+        params = [dataclasses.replace(p, **constraint) for p in params]
+        try:
+            await run_in_threadpool(self.engine.grammars.matcher, params[0])
+        except ValueError as e:
+            raise APIError(400, f"{param}: {str(e).removeprefix('engine: ')}", param=param) from None
+        return params
 
     def submit(self, jobs, loop, queue, every_delta: bool):
         """Submit (prompt ids, params) jobs; the engine thread puts (job index, Delta) on `queue` (every Delta, or
