@@ -17,6 +17,7 @@ periodic validation, atomic checkpoints with keep-last-k / permanent ones, resum
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -53,13 +54,17 @@ class LoopConfig:
     name: str = "train"
 
 
-def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 2048,
-                      reps: int = 10) -> float:
-    """FLOP/s of the fastest of `reps` square matmuls: the machine's practical peak, for MFU on CPUs (the fastest
-    rep, not the mean, so that other work on a shared machine does not lower the reference)."""
+@functools.cache
+def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", n: int = 1024, reps: int = 10,
+                      budget_s: float = 2.0) -> float:
+    """FLOP/s of the fastest of up to `reps` square matmuls: the machine's practical peak, for MFU on CPUs (the
+    fastest rep, not the mean, so that other work on a shared machine does not lower the reference). Measured once
+    per process, and at least 3 reps but no more than `budget_s` seconds: on a CPU without bf16 matrix units a bf16
+    matmul runs ~10x slower than fp32, and the reference must not cost each run minutes."""
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(reps + 2):
+    a @ b  # warm-up: first-call allocation and kernel selection
+    best, start = float("inf"), time.perf_counter()
+    for i in range(reps):
         if device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -67,6 +72,8 @@ def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", 
         if device != "cpu":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
     return 2 * n**3 / best
 
 
