@@ -33,9 +33,8 @@ from server import free_port, start
 
 from apertus import build_model, preset, save_model
 from apertus.chat import encode_chat, official_template
-from apertus.config import data_root
 from apertus.infer import Engine, SamplingParams
-from apertus.tokenizer import Tokenizer
+from apertus.tokenizer import Tokenizer, apertus_tokenizer_path
 from apertus.util import atomic_write_json
 
 WORDS = ("canton federal council railway glacier referendum language data model training open weights village "
@@ -62,7 +61,7 @@ def text(rng: random.Random, n_words: int) -> str:
 
 
 def make_checkpoint(out: Path, preset_name: str) -> Path:
-    tok = Tokenizer.from_file(data_root() / "apertus_tokenizer")
+    tok = Tokenizer.from_file(apertus_tokenizer_path())
     cfg = dataclasses.replace(preset(preset_name), vocab_size=tok.vocab_size)
     model_dir = out / "model"
     tok.save(model_dir, chat_template=official_template())

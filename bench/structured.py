@@ -22,8 +22,8 @@ from _timing import interleaved
 
 from apertus import build_model, preset
 from apertus.checkpoint import parse_dtype
-from apertus.config import data_root
 from apertus.infer import Engine, SamplingParams
+from apertus.tokenizer import apertus_tokenizer_path
 
 ITEM = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "ok"],
         "properties": {"name": {"type": "string", "maxLength": 12},
@@ -45,7 +45,7 @@ def main():
     args = ap.parse_args()
     cfg = dataclasses.replace(preset(args.preset), vocab_size=131072)
     model = build_model(cfg, dtype=parse_dtype(args.dtype), seed=0)
-    tokenizer = data_root() / "apertus_tokenizer" / "tokenizer.json"
+    tokenizer = apertus_tokenizer_path()
     engine = Engine(model, tokenizer=tokenizer, max_batch=max(args.batch), cache_gb=1.0,
                     compile=not args.no_compile)
     free = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)

@@ -8,6 +8,7 @@ import random
 import jinja2
 import jinja2.ext
 import pytest
+from chat_helpers import blocks, resp, tcalls, th, touts
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from apertus.chat import STOP_IDS, encode_chat, normalize_messages, normalize_tools, parse_reply, render
@@ -102,26 +103,6 @@ SYS = {"role": "system", "content": "You are a test."}
 CALL_TURN = [U, {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Bern"})]},
              {"role": "tool", "tool_call_id": "call_0", "content": '{"temp": 20}'},
              {"role": "assistant", "content": "It is 20 C."}]
-
-
-def blocks(*bs):
-    return {"role": "assistant", "content": {"blocks": list(bs)}}
-
-
-def th(text):
-    return {"type": "thoughts", "text": text}
-
-
-def resp(text):
-    return {"type": "response", "text": text}
-
-
-def tcalls(*calls):
-    return {"type": "tool_calls", "calls": [{"name": n, "arguments": json.dumps(a)} for n, a in calls]}
-
-
-def touts(*outs):
-    return {"type": "tool_outputs", "outputs": [{"output": json.dumps(o)} for o in outs]}
 
 
 # (id, messages, tools, render kwargs, messages as the template reads them (if different), tools likewise)

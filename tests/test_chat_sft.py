@@ -11,6 +11,7 @@ import random
 import jinja2
 import jinja2.ext
 import pytest
+from chat_helpers import blocks, resp, tcalls, th, touts
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from apertus.chat import encode_chat, render
@@ -56,26 +57,6 @@ def tok(apertus_tokenizer_json):
 
 U = {"role": "user", "content": "What is the weather in Bern?"}
 SYS = {"role": "system", "content": "You are a test."}
-
-
-def blocks(*bs):
-    return {"role": "assistant", "content": {"blocks": list(bs)}}
-
-
-def th(text):
-    return {"type": "thoughts", "text": text}
-
-
-def resp(text):
-    return {"type": "response", "text": text}
-
-
-def tcalls(*calls):
-    return {"type": "tool_calls", "calls": [{"name": n, "arguments": json.dumps(a)} for n, a in calls]}
-
-
-def touts(*outs):
-    return {"type": "tool_outputs", "outputs": [{"output": json.dumps(o)} for o in outs]}
 
 
 CASES = {
