@@ -205,9 +205,11 @@ def test_fsdp_two_processes_matches_one_process_and_resumes(tmp_path, tmp_path_f
 
     assert len(losses(two)) == 4 and losses(two) == pytest.approx(losses(one), rel=1e-5)
     w1, w2 = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
-    # (Adam-type updates turn reduction-order noise in near-zero gradients into differences up to ~1e-4 of weights
-    # that move by ~1e-2 in these 4 steps)
-    assert all(torch.allclose(w1[k], w2[k], atol=5e-4) for k in w1)
+    # Adam-type updates turn reduction-order noise in near-zero gradients into differences of ~1e-4 of weights that
+    # move by ~1e-2 in these 4 steps; on an AVX2-only CPU the rarely seen embedding rows differ by up to 2.5e-3 (4e-4
+    # of the tensor's norm), so each tensor is compared by its norm. A missed gradient reduction or another data
+    # order would differ by the size of the updates themselves (~1e-2 relative).
+    assert all((w1[k] - w2[k]).norm() <= 1e-3 * w1[k].norm() for k in w1)
     # resume: as if killed after the checkpoint of step 2 (the step-4 checkpoint and export never written)
     shutil.copy(two / "hf" / "model.safetensors", tmp_path / "straight.safetensors")
     shutil.rmtree(two / "checkpoints" / "step_00000004")
