@@ -32,15 +32,15 @@ def main():
     recipe = parse_recipe(table, d.world_size)
     make = train_data.make_loader(d.rank, d.world_size, delay=args.get("slow", 0.0))
     if args.get("hang_at"):
-        write = checkpointing._write_json
+        write = checkpointing.atomic_write_json
 
-        def hanging_write(file, obj):
+        def hanging_write(file, obj, **kw):
             if file.parent.name == f".step_{args['hang_at']:08d}.tmp" and file.name.startswith("rank"):
                 (Path(args["out"]) / "HANGING").write_text(str(os.getpid()))
                 time.sleep(600)
-            write(file, obj)
+            return write(file, obj, **kw)
 
-        checkpointing._write_json = hanging_write
+        checkpointing.atomic_write_json = hanging_write
     val = train_data.val_batches(64, 4, 2, d.rank, d.world_size) if args.get("val") else None
     pretrain(recipe, args["out"], d, make_loader=make, val_batches=val, token_bytes=train_data.corpus().token_bytes)
     shutdown()
