@@ -26,6 +26,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
     ({"train": {"lr": 1e-3}}, "[train] unknown key(s) lr"),
     ({"train": {"steps": "ten"}}, "[train] steps must be a number"),
     ({"train": {"compile": 1}}, "[train] compile must be true or false"),
+    ({"train": {"dtype": "fp16"}}, "[train] dtype 'fp16' must be 'bf16', 'fp32' or 'auto'"),
     ({"train": {"global_batch_tokens": 1000}}, "global_batch_tokens 1,000 is not divisible by seq_len x micro_batch"),
     ({"train": {"seq_len": 100_000}}, "seq_len 100000 exceeds the model's max_position_embeddings"),
     ({"optim": {"betas": [0.9, 0.999]}}, "[optim] betas must have three values"),
@@ -90,6 +91,14 @@ def test_reference_recipes_plan_matches_spec(capsys):
     assert cli(["train", str(RECIPES / "apertus-70b.toml"), "--dry-run", "--gpus", "256"]) == 0
     assert "does NOT fit" in capsys.readouterr().out  # 64k context without context parallelism
     assert cli(["train", str(RECIPES / "tiny.toml"), "--dry-run"]) == 0
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_products_are_fast():
+    """The tiny recipes say "auto": bf16 autocast on a GPU or a CPU with bf16 matrix units, fp32 elsewhere."""
+    fast = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert parse_recipe(train_data.tiny_recipe(dtype="auto")).train.dtype == ("bf16" if fast else "fp32")
+    assert load_recipe(RECIPES / "tiny.toml").train.dtype == ("bf16" if fast else "fp32")
+    assert load_recipe(RECIPES / "apertus-8b.toml").train.dtype == "bf16"
 
 
 class SpyLoaders:

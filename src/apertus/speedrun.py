@@ -154,14 +154,6 @@ def stage_data(out: Path, sizes: dict, run: Path) -> dict:
     return {"tokens": sum(s["n_tokens"] for s in manifest["shards"])}
 
 
-def train_dtype() -> str:
-    """bf16 autocast (what the tiny recipes ask for) where the machine has bf16 matrix units, a GPU or a CPU with
-    AVX512-BF16/AMX; else fp32, as bf16 matrix products run ~10x slower than fp32 on a CPU without them."""
-    import torch
-
-    return "bf16" if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
 def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
     from .compliance.manifest import record
     from .tokenizer import Tokenizer
@@ -170,8 +162,7 @@ def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
 
     vocab = Tokenizer.from_file(run / "tokenizer").vocab_size
     pretrain.run(RECIPES / "speedrun.toml", out, overrides=[f"data.dataset={run}/data/dataset",
-                                                            f"model.vocab_size={vocab}", *sizes["pretrain"],
-                                                            f"train.dtype={train_dtype()}"])
+                                                            f"model.vocab_size={vocab}", *sizes["pretrain"]])
     recipe = json.loads((out / "recipe.json").read_text())
     if _last_metrics(out).get("step") != sum(st["steps"] for st in recipe["stages"]):
         raise RuntimeError(f"{out}: pretraining stopped before its last step; rerun to resume")
@@ -183,16 +174,14 @@ def stage_pretrain(out: Path, sizes: dict, run: Path) -> dict:
 def stage_sft(out: Path, sizes: dict, run: Path) -> dict:
     from .train import sft
 
-    sft.run(RECIPES / "sft_tiny.toml", out, overrides=[f"model.init_from={run}/pretrain/hf", *sizes["sft"],
-                                                      f"train.dtype={train_dtype()}"])
+    sft.run(RECIPES / "sft_tiny.toml", out, overrides=[f"model.init_from={run}/pretrain/hf", *sizes["sft"]])
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 
 def stage_align(out: Path, sizes: dict, run: Path) -> dict:
     from .train import qrpo
 
-    qrpo.run(RECIPES / "align_tiny.toml", out, overrides=[f"model.init_from={run}/sft/hf", *sizes["align"],
-                                                         f"train.dtype={train_dtype()}"])
+    qrpo.run(RECIPES / "align_tiny.toml", out, overrides=[f"model.init_from={run}/sft/hf", *sizes["align"]])
     return {"tokens": _last_metrics(out).get("tokens", 0)}
 
 
@@ -270,7 +259,9 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
     if state["mode"] != mode:
         raise ValueError(f"{run} holds a speedrun with {state['mode']} (not {mode}); choose another --out")
     sizes = SMOKE if smoke else FULL
-    if train_dtype() == "fp32":
+    from .train.recipe import fast_dtype
+
+    if fast_dtype() == "fp32":
         print("training in fp32: this CPU has no bf16 matrix units (bf16 autocast would be ~10x slower here)")
     t_run = time.time()
     todo = [s for s in STAGES if (s in stages if stages else not (run / s / "DONE").is_file())]

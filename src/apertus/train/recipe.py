@@ -45,7 +45,7 @@ class Train:
     micro_batch: int = 1  # rows per forward pass and rank
     steps: int = 0  # optimizer steps; 0: derived (pretraining: from tokens; post-training: from epochs)
     seed: int = 0
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # autocast; "auto": bf16 where the hardware multiplies bf16 fast, else fp32
     grad_clip: float = 1.0  # global norm; 0: no clipping
     compile: bool = False
     activation_checkpointing: bool = False
@@ -242,8 +242,19 @@ def check_optim(o: Optim):
     ensure(o.t_alpha >= 0 and o.t_beta3 >= 0, "[optim] t_alpha and t_beta3 must be >= 0 (0: the whole run)")
 
 
+def fast_dtype() -> str:
+    """"bf16" where bf16 matrix products are fast (a GPU, a CPU with AVX512-BF16 or AMX), else "fp32": on a CPU
+    without those units a bf16 product runs ~10x slower than an fp32 one."""
+    import torch
+
+    return "bf16" if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def check_train(t: Train):
-    ensure(t.dtype in ("bf16", "fp32"), f"[train] dtype {t.dtype!r} must be 'bf16' or 'fp32'")
+    """Check [train]; `dtype = "auto"` becomes what this machine runs fastest."""
+    ensure(t.dtype in ("bf16", "fp32", "auto"), f"[train] dtype {t.dtype!r} must be 'bf16', 'fp32' or 'auto'")
+    if t.dtype == "auto":
+        t.dtype = fast_dtype()
     ensure(t.fsdp_param_dtype in ("bf16", "fp32"), f"[train] fsdp_param_dtype {t.fsdp_param_dtype!r} must be "
            "'bf16' or 'fp32'")
     ensure(t.grad_clip >= 0, "[train] grad_clip must be >= 0 (0: no clipping)")
