@@ -483,6 +483,15 @@ def funnel_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def build_text(manifest: dict, out: str | Path) -> str:
+    """The funnel and the totals of a finished build (`apertus data build`)."""
+    shards = manifest["shards"]
+    seconds = (manifest.get("build") or {}).get("seconds")
+    took = f"{seconds:.1f}s; " if seconds is not None else ""
+    return (f"{funnel_table(manifest)}\n{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
+            f"{took}manifest: {out}/manifest.json")
+
+
 def dataset_info(dataset: str | Path) -> str:
     """The funnel and the stages of a built dataset (`apertus data info`)."""
     path = Path(dataset) / "manifest.json"
