@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-# Modules that load datatrove, lm-eval or the web server (each about half a second) are imported by their own
-# command's handler below; these are loaded by the parser anyway (the engine and trainer defaults).
+# These are light or loaded for the parser anyway (the engine's and the trainers' defaults). The modules that load
+# datatrove, lm-eval or the web server (about half a second each) are imported by their own command's handler.
 from . import chat, checkpoint, speedrun, speedrun_report, tokenizer, tokenizer_eval
 from .compliance import cards, manifest
 from .eval import memorization, report, suite
