@@ -99,6 +99,9 @@ def test_data_build_manifest_verify_and_info(tmp_path, capsys):
                                               f"tokens {tokens}, energy estimate ")
     assert main(["verify", str(d)]) == 0
     assert capsys.readouterr().out.endswith("files checked, all hashes match\n")
+    assert main(["card", str(d), "--out", str(tmp_path / "card")]) == 0
+    written = ["README.md", "DATA_CARD.md", "EU_PUBLIC_SUMMARY.md", "card_trace.json"]
+    assert capsys.readouterr().out == "".join(f"wrote {tmp_path / 'card' / name}\n" for name in written)
     shard = d / man["shards"][1]["path"]
     shard.write_bytes(shard.read_bytes()[::-1])
     assert main(["verify", str(d)]) == 1
@@ -110,7 +113,13 @@ def test_data_build_manifest_verify_and_info(tmp_path, capsys):
     assert "out:train" in out and "stage web-first:" in out and "stage mix:" in out
 
 
-def test_lm_eval_hook_and_hash_list_print_what_they_did(tmp_path, capsys):
+def test_report_lm_eval_hook_and_hash_list_print_what_they_did(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2  # not a speedrun directory: one line, exit 2
+    assert capsys.readouterr().err.startswith(f"apertus report: error: {tmp_path}: no speedrun.json")
+    (tmp_path / "speedrun.json").write_text(json.dumps({"mode": {"smoke": True}, "stages": {}}))
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'report.md'}\n" and (tmp_path / "report.md").is_file()
+
     assert main(["eval", "lm-eval-hook", "--site-dir", str(tmp_path)]) == 0
     files = [tmp_path / "apertus_lm_eval_hook.py", tmp_path / "apertus-lm-eval.pth"]
     assert capsys.readouterr().out == f"installed {files[0]}, {files[1]}\n" and all(f.is_file() for f in files)
