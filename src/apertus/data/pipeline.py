@@ -484,12 +484,10 @@ def funnel_table(manifest: dict) -> str:
 
 
 def build_text(manifest: dict, out: str | Path) -> str:
-    """The funnel and the totals of a finished build (`apertus data build`)."""
+    """The funnel and the totals of a finished local build (`apertus data build`; `build` timed it)."""
     shards = manifest["shards"]
-    seconds = (manifest.get("build") or {}).get("seconds")
-    took = f"{seconds:.1f}s; " if seconds is not None else ""
     return (f"{funnel_table(manifest)}\n{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
-            f"{took}manifest: {out}/manifest.json")
+            f"{manifest['build']['seconds']:.1f}s; manifest: {out}/manifest.json")
 
 
 def dataset_info(dataset: str | Path) -> str:
