@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import re
 
 import pytest
@@ -67,3 +68,69 @@ def test_bad_input_is_argparse_exit_2(capsys):
             main(argv)
         assert e.value.code == 2, argv
     capsys.readouterr()
+
+
+def test_data_build_manifest_verify_and_info(tmp_path, capsys):
+    """`data build` prints the funnel and totals and records run.json; `manifest` rewrites it; `verify` exits 1 on a
+    changed shard, naming it; `data info` prints the funnel and the stages."""
+    from compliance_helpers import corpus, recipe
+
+    r = recipe(corpus(tmp_path))
+    src = [f'[[sources]]\nname = "{s["name"]}"\nreader = "jsonl"\npath = "{s["path"]}"\nkind = "web"\n'
+           for s in r["sources"]]
+    stages = ['[[stages]]\nname = "web-first"\ntokens = 4000\nsources = {web = 1.0}\n',
+              '[[stages]]\nname = "mix"\nsources = {web = 0.5, books = 0.5}\n']
+    toml = tmp_path / "fixture.toml"
+    toml.write_text(f'name = "fixture"\n[dataset]\ntokenizer = "{r["dataset"]["tokenizer"]}"\nseed = 0\n'
+                    'shard_tokens = 1500\nval_fraction = 0.1\nval_min_docs = 5\n[executor]\ntasks = 1\nworkers = 1\n'
+                    '[steps.pii]\n' + "\n".join(src + stages))
+    d = tmp_path / "built"
+    assert main(["data", "build", str(toml), "--out", str(d)]) == 0
+    out = capsys.readouterr().out
+    man = json.loads((d / "manifest.json").read_text())
+    tokens = sum(s["n_tokens"] for s in man["shards"])
+    assert out.startswith(f"building {toml} -> {d}\n") and "languages in the training split: 1" in out
+    assert re.search(rf"{len(man['shards'])} shard\(s\), {tokens:,} tokens, [\d.]+s; manifest: {d}/manifest.json", out)
+    run = json.loads((d / "run.json").read_text())
+    assert run["kind"] == "data" and run["tokens"] == tokens and run["wall_time_s"] > 0
+
+    assert main(["manifest", str(d)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {d}/run.json (data: {len(run['artifacts'])} artifacts hashed, "
+                                              f"tokens {tokens}, energy estimate ")
+    assert main(["verify", str(d)]) == 0
+    assert capsys.readouterr().out.endswith("files checked, all hashes match\n")
+    assert main(["card", str(d), "--out", str(tmp_path / "card")]) == 0
+    written = ["README.md", "DATA_CARD.md", "EU_PUBLIC_SUMMARY.md", "card_trace.json"]
+    assert capsys.readouterr().out == "".join(f"wrote {tmp_path / 'card' / name}\n" for name in written)
+    shard = d / man["shards"][1]["path"]
+    shard.write_bytes(shard.read_bytes()[::-1])
+    assert main(["verify", str(d)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"MISMATCH {shard}: sha256 differs from the recorded one" and lines[-1].endswith("1 problem(s)")
+
+    assert main(["data", "info", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "out:train" in out and "stage web-first:" in out and "stage mix:" in out
+
+
+def test_report_lm_eval_hook_and_hash_list_print_what_they_did(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2  # not a speedrun directory: one line, exit 2
+    assert capsys.readouterr().err.startswith(f"apertus report: error: {tmp_path}: no speedrun.json")
+    (tmp_path / "speedrun.json").write_text(json.dumps({"mode": {"smoke": True}, "stages": {}}))
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'report.md'}\n" and (tmp_path / "report.md").is_file()
+
+    assert main(["eval", "lm-eval-hook", "--site-dir", str(tmp_path)]) == 0
+    files = [tmp_path / "apertus_lm_eval_hook.py", tmp_path / "apertus-lm-eval.pth"]
+    assert capsys.readouterr().out == f"installed {files[0]}, {files[1]}\n" and all(f.is_file() for f in files)
+    assert main(["eval", "lm-eval-hook", "--site-dir", str(tmp_path), "--uninstall"]) == 0
+    assert capsys.readouterr().out == f"removed {files[0]}, {files[1]}\n" and not any(f.exists() for f in files)
+
+    requests = tmp_path / "requests.txt"
+    requests.write_text("Jane Doe\n\nJohn Q Public\n")
+    assert main(["redact", "--make-hash-list", str(requests)]) == 2  # --out is needed
+    assert "--make-hash-list needs --out FILE" in capsys.readouterr().err
+    assert main(["redact", "--make-hash-list", str(requests), "--out", str(tmp_path / "hl.json")]) == 0
+    hl = json.loads((tmp_path / "hl.json").read_text())
+    assert capsys.readouterr().out == (f"wrote {tmp_path / 'hl.json'}: {len(hl['hashes'])} salted hashes "
+                                       f"(up to {hl['max_words']} words)\n") and len(hl["hashes"]) == 2

@@ -121,7 +121,8 @@ def test_rebuild_is_byte_identical(tmp_path, apertus_tokenizer_json, capsys):
     pytest.importorskip("mistral_common")
     assert main(["tokenizer", "apertus", "--out", str(tmp_path / "ap")]) == 0
     assert (tmp_path / "ap" / "tokenizer.json").read_bytes() == apertus_tokenizer_json.read_bytes()
-    assert "bb201fb226cde11f" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bb201fb226cde11f" in out and "config: instruct (eos <|assistant_end|>, chat template)" in out
     config = json.loads((tmp_path / "ap" / "tokenizer_config.json").read_text())
     assert config["eos_token"] == "<|assistant_end|>" and (tmp_path / "ap" / "chat_template.jinja").is_file()
 
@@ -222,11 +223,16 @@ def test_cli_train_and_eval(tmp_path, capsys):
     meta = json.loads((tmp_path / "tok" / "training.json").read_text())
     assert meta["documents"] == len(langs) and meta["vocab_size"] <= 2000
     assert meta["tokenizer_sha256"] == sha256_file(tmp_path / "tok" / "tokenizer.json")
+    trained = capsys.readouterr().out
+    assert trained.startswith("trained a ") and f"({meta['documents']:,} documents)" in trained
+    assert trained.endswith(f"-> {tmp_path / 'tok'} (sha256 {meta['tokenizer_sha256'][:16]}...)\n")
     out = tmp_path / "eval"
     assert main(["tokenizer", "eval", "--tokenizer", "apertus", f"small={tmp_path / 'tok'}", "--corpus", str(corpus),
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| apertus |" in printed and "| small |" in printed and "Gini" in printed
+    assert printed.endswith(f"|\n\n{len(langs)} languages; per-language table, JSON and chart in "
+                            f"{out}/fertility.{{md,json,png}}\n")
     result = json.loads((out / "fertility.json").read_text())
     assert set(result) == {"apertus", "small"} and set(result["small"]["languages"]) == set(langs)
     small = Tokenizer.from_file(tmp_path / "tok")

@@ -10,8 +10,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
+import json
+import os
 import sys
+from pathlib import Path
+
+# These are light or loaded for the parser anyway (the engine's and the trainers' defaults). The modules that load
+# datatrove, lm-eval or the web server (about half a second each) are imported by their own command's handler.
+from . import chat, checkpoint, speedrun, speedrun_report, tokenizer, tokenizer_eval
+from .compliance import cards, manifest
+from .eval import memorization, report, suite
+from .infer import Engine, SamplingParams, repl
+from .train import checkpointing, posttrain, pretrain, qrpo, recipe, sft
 
 MODEL_HELP = "checkpoint directory or hub id org/name[@revision] (or a preset name, random weights)"
 COMPILE_HELP = "run the engine through torch.compile: 2-3x faster decoding steps after 20-45 s of compiling at start"
@@ -76,60 +88,52 @@ def picked(args, *groups: dict) -> dict:
     return {name: getattr(args, name) for group in groups for name in group}
 
 
+def printed(fn, text=None, status=None):
+    """The handler of a command that is one call: `fn` with the parsed arguments (`forward`), its result printed as
+    `text(result, ...)` (given the parsed arguments it names, too), exit status `status(result)` or 0."""
+
+    def handler(args) -> int:
+        result = forward(fn, args)
+        print(result if text is None else forward(functools.partial(text, result), args))
+        return status(result) if status else 0
+
+    return handler
+
+
 def csv(s: str | None) -> list[str] | None:
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
 def run_name(model: str) -> str:
-    from pathlib import Path
-
     return Path(model).resolve().name or "model"
 
 
 # --- model and tokenizer ---------------------------------------------------------------------------------------------
 
-
 def cmd_info(args) -> int:
-    from .train.recipe import model_info
-
-    print(forward(model_info, args))
+    print(forward(recipe.model_info, args))
     if args.load:
-        from .checkpoint import load_model
-
-        print(f"  loaded: {load_model(args.model).num_params():,} parameters")
+        print(f"  loaded: {checkpoint.load_model(args.model).num_params():,} parameters")
     return 0
 
 
 def cmd_tokenizer_apertus(args) -> int:
-    from .chat import official_template
-    from .tokenizer import APERTUS_SHA256, rebuild_apertus
-
-    file = rebuild_apertus(args.out, chat_template=None if args.base else official_template())
-    print(f"rebuilt {file} from mistral-common's tekken vocabulary: sha256 {APERTUS_SHA256} (the released file)")
-    print(f"  config: {'base (BOS, no EOS)' if args.base else 'instruct (eos <|assistant_end|>, chat template)'}")
+    file = tokenizer.rebuild_apertus(args.out, chat_template=None if args.base else chat.official_template())
+    print(tokenizer.rebuilt_text(file, args.base))
     return 0
 
 
 def cmd_tokenizer_train(args) -> int:
-    from .tokenizer import train_from_corpus
-
     # the Rust trainer draws its own progress bars; off a terminal it would only print blank lines
-    tok, meta = train_from_corpus(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency,
-                                  max_bytes=int(args.max_mb * 1e6) if args.max_mb else None,
-                                  progress=sys.stderr.isatty())
-    print(f"trained a {tok.vocab_size:,}-token BPE on {meta['bytes'] / 1e6:.1f} MB ({meta['documents']:,} documents) "
-          f"in {meta['seconds']:.1f} s -> {args.out} (sha256 {meta['tokenizer_sha256'][:16]}...)")
+    max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
+    trained = tokenizer.train_from_corpus(args.corpus, args.vocab_size, args.out, min_frequency=args.min_frequency,
+                                          max_bytes=max_bytes, progress=sys.stderr.isatty())
+    print(tokenizer.trained_text(*trained, args.out))
     return 0
 
 
 def cmd_tokenizer_eval(args) -> int:
-    from .tokenizer import compare
-    from .tokenizer_eval import markdown
-
-    result = compare(args.tokenizer, args.corpus, args.out)
-    print(markdown(result).split("\n\n")[0])
-    n = len(next(iter(result.values()))["languages"])
-    print(f"\n{n} languages; per-language table, JSON and chart in {args.out}/fertility.{{md,json,png}}")
+    print(tokenizer_eval.summary_text(tokenizer.compare(args.tokenizer, args.corpus, args.out), args.out))
     return 0
 
 
@@ -166,25 +170,14 @@ def add_model_commands(sub) -> None:
 
 # --- data ------------------------------------------------------------------------------------------------------------
 
-
 def cmd_data_build(args) -> int:
-    import time
-    from pathlib import Path
-
-    from .compliance.manifest import record_data_build
-    from .data.pipeline import build, funnel_table
+    from .data.pipeline import build_text
 
     out = args.out or f"runs/data/{Path(args.recipe).stem}"
-    t = time.time()
     print(f"building {args.recipe} -> {out}")
-    manifest = build(args.recipe, out, tasks=args.tasks, workers=args.workers, keep_work=args.keep_work)
-    if manifest is None:  # handed to Slurm/Ray, which finish on their own
-        return 0
-    print(funnel_table(manifest))
-    shards = manifest["shards"]
-    print(f"{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
-          f"{time.time() - t:.1f}s; manifest: {out}/manifest.json")
-    record_data_build(out, wall_time=time.time() - t)
+    built = forward(manifest.build_recorded, args, out=out)
+    if built is not None:  # None: handed to Slurm/Ray, which finish on their own
+        print(build_text(built, out))
     return 0
 
 
@@ -225,17 +218,7 @@ def add_data_commands(sub) -> None:
 
 # --- training and export ---------------------------------------------------------------------------------------------
 
-
-def cmd_export(args) -> int:
-    from .train.checkpointing import export
-
-    print(forward(export, args))
-    return 0
-
-
 def add_train_commands(sub) -> None:
-    from .train import posttrain, pretrain, qrpo, sft
-
     s = sub.add_parser("train", help="pretrain from a TOML recipe (resumes from the newest checkpoint in --out)")
     pretrain.add_arguments(s)
     s.set_defaults(func=pretrain.command)
@@ -255,11 +238,10 @@ def add_train_commands(sub) -> None:
                    "here for a Hugging Face checkpoint)")
     s.add_argument("--dtype", choices=["bf16", "fp32", "f16"], default="bf16", help="weights (f16: gguf only)")
     s.add_argument("--tokenizer", help="tokenizer.json to include (default: the run's tokenizer/)")
-    s.set_defaults(func=cmd_export)
+    s.set_defaults(func=printed(checkpointing.export))
 
 
 # --- inference: generate, chat, serve --------------------------------------------------------------------------------
-
 
 def pii_filter_factory(args):
     """One streaming PII filter per reply, or None when the flags leave the output unfiltered."""
@@ -271,37 +253,27 @@ def pii_filter_factory(args):
 
 
 def engine_from_args(args):
-    from .infer import Engine
-
     return Engine(args.model, **picked(args, ENGINE), output_filter=pii_filter_factory(args))
 
 
 def sampling_from_args(args, **extra):
-    from .infer import SamplingParams
-
     return SamplingParams(**picked(args, SAMPLING), **extra)
 
 
 def cmd_generate(args) -> int:
-    from .infer.repl import generate
-
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     with engine_from_args(args) as engine:
-        generate(engine, prompt, sampling_from_args(args, stop=args.stop or None))
+        repl.generate(engine, prompt, sampling_from_args(args, stop=args.stop or None))
     return 0
 
 
 def cmd_chat(args) -> int:
-    from .infer.repl import chat_loop
-
     with engine_from_args(args) as engine:
-        chat_loop(engine, sampling_from_args(args), system=args.system, thinking=args.think)
+        repl.chat_loop(engine, sampling_from_args(args), system=args.system, thinking=args.think)
     return 0
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from .infer.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("APERTUS_API_KEY"),
@@ -312,8 +284,6 @@ def cmd_serve(args) -> int:
 
 def add_engine_options(s, *groups: dict, **defaults) -> None:
     """The checkpoint and the engine's options (defaults: `Engine`'s), with the PII output filter."""
-    from .infer import Engine
-
     s.add_argument("model", help=MODEL_HELP)
     add_options(s.add_argument_group("engine"), Engine, {k: v for g in (ENGINE, *groups) for k, v in g.items()},
                 **defaults)
@@ -324,8 +294,6 @@ def add_engine_options(s, *groups: dict, **defaults) -> None:
 
 
 def add_infer_commands(sub) -> None:
-    from .infer import SamplingParams
-
     s = sub.add_parser("generate", help="continue a prompt with a base model (streams the continuation)")
     add_engine_options(s)
     add_options(s.add_argument_group("sampling"), SamplingParams, SAMPLING, max_tokens=128)
@@ -352,39 +320,31 @@ def add_infer_commands(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
 
-# --- evaluation ------------------------------------------------------------------------------------------------------
+# --- evaluation -------------------------------------------------------------------------------------------------------
 
 EVAL_COMMANDS = ("tasks", "memorization", "lm-eval-hook")
 
 
 def cmd_eval_tasks(args) -> int:
-    from .eval.report import markdown
-    from .eval.suite import evaluate
-
     out = args.out or f"runs/eval/{run_name(args.model)}"
-    print(markdown(forward(evaluate, args, out=out)), f"written to {out}", sep="\n")
+    print(report.markdown(forward(suite.evaluate, args, out=out)), f"written to {out}", sep="\n")
     return 0
 
 
 def cmd_eval_memorization(args) -> int:
-    from .eval.memorization import audit
-
     out = args.out or f"runs/eval/{run_name(args.model)}/memorization"
-    print(forward(audit, args, out=out)["markdown"], f"written to {out}", sep="\n")
+    print(forward(memorization.audit, args, out=out)["markdown"], f"written to {out}", sep="\n")
     return 0
 
 
 def cmd_eval_hook(args) -> int:
-    from .eval.harness import install_hook
+    from .eval.harness import hook_text, install_hook
 
-    print(("removed " if args.uninstall else "installed ") + ", ".join(map(str, forward(install_hook, args))))
+    print(hook_text(forward(install_hook, args), args.uninstall))
     return 0
 
 
 def add_eval_commands(sub) -> None:
-    from .eval.memorization import audit
-    from .eval.suite import evaluate
-
     esub = sub.add_parser("eval", help="evaluate a checkpoint: tasks, memorization audit, lm-eval adapter",
                           description="`apertus eval CKPT ...` is short for `apertus eval tasks CKPT ...`.",
                           ).add_subparsers(dest="eval_command", required=True)
@@ -393,21 +353,21 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--tasks", required=True, type=csv, help="comma-separated groups (flores_bpb, udhr_bpb, xcopa, "
                    "xwinograd, piqa, sib200, gsm8k, mgsm) or subtasks GROUP_LANG (xcopa_it, sib200_deu_Latn)")
     s.add_argument("--out", help="report directory (default runs/eval/<model name>)")
-    add_options(s, evaluate, MODEL_LOADING)
+    add_options(s, suite.evaluate, MODEL_LOADING)
     s.add_argument("--langs", type=csv,
                    help="comma-separated language filter for multilingual groups (deu_Latn or deu, it)")
     s.add_argument("--limit", type=int, help="first N documents of each subtask")
-    s.add_argument("--max-len", type=int, default=defaults_of(evaluate)["max_len"],
+    s.add_argument("--max-len", type=int, default=defaults_of(suite.evaluate)["max_len"],
                    help="longest input; longer texts are scored in windows")
     s.add_argument("--bpb-stride", type=int, help="tokens predicted per window of a long text (default max-len)")
-    s.add_argument("--batch-tokens", type=int, default=defaults_of(evaluate)["batch_tokens"],
+    s.add_argument("--batch-tokens", type=int, default=defaults_of(suite.evaluate)["batch_tokens"],
                    help="tokens per forward pass (padding included)")
     g = s.add_argument_group("generative tasks (gsm8k, mgsm)")
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="chat format (default: if the checkpoint is an instruct one)")
-    g.add_argument("--num-fewshot", type=int, default=defaults_of(evaluate)["num_fewshot"])
+    g.add_argument("--num-fewshot", type=int, default=defaults_of(suite.evaluate)["num_fewshot"])
     g.add_argument("--max-new-tokens", dest="max_tokens", type=int, metavar="N",
-                   default=defaults_of(evaluate)["max_tokens"])
+                   default=defaults_of(suite.evaluate)["max_tokens"])
     s.set_defaults(func=cmd_eval_tasks)
 
     s = esub.add_parser("memorization", help="Goldfish audit: extraction of inserted probes")
@@ -415,11 +375,11 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--probes", dest="probes_path", required=True,
                    help="probes JSONL, or a built dataset directory holding probes.jsonl")
     s.add_argument("--out", help="report directory (default runs/eval/<model name>/memorization)")
-    add_options(s, audit, MODEL_LOADING)
-    add_options(s, audit, {"prefix": dict(type=int, help="prompt length in tokens"),
-                           "suffix": dict(type=int, help="continuation length in tokens"),
-                           "top_p": dict(type=float, help="nucleus sampling at temperature 1"),
-                           "seed": dict(type=int)})
+    add_options(s, memorization.audit, MODEL_LOADING)
+    add_options(s, memorization.audit, {"prefix": dict(type=int, help="prompt length in tokens"),
+                                        "suffix": dict(type=int, help="continuation length in tokens"),
+                                        "top_p": dict(type=float, help="nucleus sampling at temperature 1"),
+                                        "seed": dict(type=int)})
     s.set_defaults(func=cmd_eval_memorization)
 
     s = esub.add_parser("lm-eval-hook", help="let the `lm_eval` command find `--model apertus`")
@@ -429,34 +389,6 @@ def add_eval_commands(sub) -> None:
 
 
 # --- compliance ------------------------------------------------------------------------------------------------------
-
-
-def cmd_verify(args) -> int:
-    from .compliance.manifest import verify
-
-    result = forward(verify, args)
-    for p in result["problems"]:
-        print(f"MISMATCH {p['path']}: {p['problem']}")
-    n = len(result["problems"])
-    print(f"{args.run_dir}: {result['checked']} files checked, " + (f"{n} problem(s)" if n else "all hashes match"))
-    return 1 if n else 0
-
-
-def cmd_manifest(args) -> int:
-    from .compliance.manifest import record
-
-    m = forward(record, args)
-    print(f"wrote {args.run_dir}/run.json ({m['kind']}: {len(m['artifacts'])} artifacts hashed, "
-          f"tokens {m['tokens']}, energy estimate {m['energy']['kwh'] if m['energy'] else '-'} kWh)")
-    return 0
-
-
-def cmd_card(args) -> int:
-    from .compliance.cards import write_cards
-
-    print("\n".join(f"wrote {path}" for path in forward(write_cards, args).values()))
-    return 0
-
 
 def cmd_optout_apply(args) -> int:
     from .compliance.optout import apply_optout, read_list, removal_text
@@ -468,8 +400,6 @@ def cmd_optout_apply(args) -> int:
 
 
 def cmd_optout_check(args) -> int:
-    import json
-
     from .compliance.optout import check, check_text
 
     res = forward(check, args)
@@ -478,13 +408,12 @@ def cmd_optout_check(args) -> int:
 
 
 def cmd_redact(args) -> int:
-    from .compliance.output_filter import redact_stream, write_hash_list
+    from .compliance.output_filter import hash_list_text, redact_stream, write_hash_list
 
     if args.make_hash_list:
         if not args.out:
             raise ValueError("--make-hash-list needs --out FILE")
-        hl = write_hash_list(args.make_hash_list, args.out)
-        print(f"wrote {args.out}: {len(hl['hashes'])} salted hashes (up to {hl['max_words']} words)")
+        print(hash_list_text(write_hash_list(args.make_hash_list, args.out), args.out))
         return 0
     counts = redact_stream(sys.stdin, sys.stdout, kinds=args.kinds, hash_list=args.hash_list, chunk=args.chunk)
     print(f"[redacted: {counts}]", file=sys.stderr)
@@ -494,12 +423,12 @@ def cmd_redact(args) -> int:
 def add_compliance_commands(sub) -> None:
     s = sub.add_parser("verify", help="re-hash every artifact of a run (shards, index, checkpoints) against run.json")
     s.add_argument("run_dir", help="a run folder with run.json, or a built dataset")
-    s.set_defaults(func=cmd_verify)
+    s.set_defaults(func=printed(manifest.verify, manifest.verify_text, status=lambda r: 1 if r["problems"] else 0))
 
     s = sub.add_parser("manifest", help="write run.json for a finished data build or training run")
     s.add_argument("run_dir")
     s.add_argument("--kind", help="pretrain, sft, align (training runs; default pretrain)")
-    s.set_defaults(func=cmd_manifest)
+    s.set_defaults(func=printed(manifest.record, manifest.record_text))
 
     s = sub.add_parser("card", help="model card, data card and EU AI Act public summary from the run manifests")
     s.add_argument("run_dir", help="a run folder (its run.json and those one or two folders down are read)")
@@ -507,7 +436,7 @@ def add_compliance_commands(sub) -> None:
     s.add_argument("--name", dest="model_name", help="model name (default apertus-<folder name>)")
     s.add_argument("--provider", help="provider name and contact for the public summary")
     s.add_argument("--license", dest="license_", default="Apache-2.0")
-    s.set_defaults(func=cmd_card)
+    s.set_defaults(func=printed(cards.write_cards, lambda paths: "\n".join(f"wrote {p}" for p in paths.values())))
 
     osub = sub.add_parser("optout", help="retrospective removal from a built dataset; was X in the training data?"
                           ).add_subparsers(dest="optout_command", required=True)
@@ -536,22 +465,12 @@ def add_compliance_commands(sub) -> None:
 
 # --- speedrun and report ---------------------------------------------------------------------------------------------
 
-
 def cmd_speedrun(args) -> int:
-    from .speedrun import speedrun
-
     try:
-        forward(speedrun, args)
+        forward(speedrun.speedrun, args)
     except RuntimeError as e:  # a stage stopped early (SIGTERM) or failed: rerunning resumes
         print(f"apertus speedrun: {e}", file=sys.stderr)
         return 1
-    return 0
-
-
-def cmd_report(args) -> int:
-    from .speedrun_report import write_report
-
-    print(f"wrote {forward(write_report, args)}")
     return 0
 
 
@@ -568,7 +487,7 @@ def add_speedrun_commands(sub) -> None:
 
     s = sub.add_parser("report", help="(re)write report.md of a speedrun directory")
     s.add_argument("run_dir")
-    s.set_defaults(func=cmd_report)
+    s.set_defaults(func=printed(speedrun_report.write_report, lambda path: f"wrote {path}"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -203,6 +203,13 @@ def rebuild_apertus(out_dir, chat_template: str | None = None) -> Path:
     return tok.save(out_dir, chat_template=chat_template) / "tokenizer.json"
 
 
+def rebuilt_text(file: Path, base: bool = False) -> str:
+    """What `rebuild_apertus` wrote (`apertus tokenizer apertus`), with which of the released configs."""
+    config = "base (BOS, no EOS)" if base else "instruct (eos <|assistant_end|>, chat template)"
+    return (f"rebuilt {file} from mistral-common's tekken vocabulary: sha256 {APERTUS_SHA256} (the released file)\n"
+            f"  config: {config}")
+
+
 def apertus_tokenizer_path() -> Path:
     """The released tokenizer.json: one in the data folder (`$APERTUS_DATA`, or put there by `apertus data fetch
     apertus_tokenizer`), else one rebuilt from mistral-common once into ~/.cache/apertus (hash-checked)."""
@@ -284,6 +291,12 @@ def train_from_corpus(corpus: list[str], vocab_size: int, out_dir, *, min_freque
             "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(Path(out_dir) / "training.json", json.dumps(meta, indent=2) + "\n")
     return tok, meta
+
+
+def trained_text(tok: Tokenizer, meta: dict, out_dir) -> str:
+    """What `train_from_corpus` trained and wrote, in one line."""
+    return (f"trained a {tok.vocab_size:,}-token BPE on {meta['bytes'] / 1e6:.1f} MB ({meta['documents']:,} "
+            f"documents) in {meta['seconds']:.1f} s -> {out_dir} (sha256 {meta['tokenizer_sha256'][:16]}...)")
 
 
 def tiny_tokenizer(cache_dir, vocab_size: int = 2048, languages: int = 60, chars_per_language: int = 4000) -> Tokenizer:

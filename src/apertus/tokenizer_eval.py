@@ -174,6 +174,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_text(result: dict, out_dir) -> str:
+    """The summary table of `markdown` and where the rest was written (`apertus tokenizer eval`)."""
+    n = len(next(iter(result.values()))["languages"])
+    return (markdown(result).split("\n\n")[0]
+            + f"\n\n{n} languages; per-language table, JSON and chart in {out_dir}/fertility.{{md,json,png}}")
+
+
 def plot(result: dict, file) -> None:
     """Grouped bars of tokens/byte: per language, or per script (median) when there are many languages."""
     import matplotlib

@@ -232,6 +232,19 @@ def record_data_build(dataset_dir: str | Path, wall_time: float | None = None) -
                                                   "languages": man.get("languages")})
 
 
+def build_recorded(recipe, out: str | Path, *, tasks: int | None = None, workers: int | None = None,
+                   keep_work: bool = False) -> dict | None:
+    """`apertus data build`: `data.pipeline.build`, then the dataset's run.json with the build's wall time. Returns
+    the manifest, or None (and records nothing yet) when the phases were handed to Slurm/Ray."""
+    from ..data.pipeline import build
+
+    t = time.time()
+    manifest = build(recipe, out, tasks=tasks, workers=workers, keep_work=keep_work)
+    if manifest is not None:
+        record_data_build(out, wall_time=time.time() - t)
+    return manifest
+
+
 def record_training_run(run_dir: str | Path, kind: str = "pretrain", wall_time: float | None = None,
                         parents=()) -> dict:
     """run.json for a run of the training loop (`apertus train`, SFT, QRPO) from what the loop leaves in its folder:
@@ -288,6 +301,13 @@ def record(run_dir: str | Path, kind: str | None = None) -> dict:
     raise ValueError(f"{d}: neither a built dataset (manifest.json) nor a training run (recipe.json)")
 
 
+def record_text(manifest: dict, run_dir: str | Path) -> str:
+    """What `record` wrote, in one line."""
+    energy = manifest["energy"]["kwh"] if manifest["energy"] else "-"
+    return (f"wrote {run_dir}/{RUN_FILE} ({manifest['kind']}: {len(manifest['artifacts'])} artifacts hashed, "
+            f"tokens {manifest['tokens']}, energy estimate {energy} kWh)")
+
+
 # --- verification ---------------------------------------------------------------------------------------------------
 
 def verify(run_dir: str | Path) -> dict:
@@ -326,6 +346,14 @@ def verify(run_dir: str | Path) -> dict:
     else:
         raise FileNotFoundError(f"{run}: no run.json (and not a built dataset); nothing to verify")
     return {"checked": checked, "problems": problems}
+
+
+def verify_text(result: dict, run_dir: str | Path) -> str:
+    """A line per problem `verify` found, then the count."""
+    n = len(result["problems"])
+    lines = [f"MISMATCH {p['path']}: {p['problem']}" for p in result["problems"]]
+    return "\n".join(lines + [f"{run_dir}: {result['checked']} files checked, "
+                              + (f"{n} problem(s)" if n else "all hashes match")])
 
 
 def _check_shards(dataset: Path, problems: list) -> int:

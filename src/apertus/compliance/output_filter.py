@@ -176,6 +176,11 @@ def write_hash_list(requests_file: str | Path, out: str | Path) -> dict:
     return hl
 
 
+def hash_list_text(hash_list: dict, out: str | Path) -> str:
+    """What `write_hash_list` wrote, in one line."""
+    return f"wrote {out}: {len(hash_list['hashes'])} salted hashes (up to {hash_list['max_words']} words)"
+
+
 class _Requests:
     def __init__(self, hl: dict):
         self.salt, self.max_words = bytes.fromhex(hl["salt"]), int(hl["max_words"])

@@ -483,6 +483,13 @@ def funnel_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def build_text(manifest: dict, out: str | Path) -> str:
+    """The funnel and the totals of a finished local build (`apertus data build`; `build` timed it)."""
+    shards = manifest["shards"]
+    return (f"{funnel_table(manifest)}\n{len(shards)} shard(s), {sum(s['n_tokens'] for s in shards):,} tokens, "
+            f"{manifest['build']['seconds']:.1f}s; manifest: {out}/manifest.json")
+
+
 def dataset_info(dataset: str | Path) -> str:
     """The funnel and the stages of a built dataset (`apertus data info`)."""
     path = Path(dataset) / "manifest.json"

@@ -126,6 +126,11 @@ def install_hook(site_dir: str | os.PathLike | None = None, uninstall: bool = Fa
     return [module, pth]
 
 
+def hook_text(files: list[Path], uninstall: bool = False) -> str:
+    """What `install_hook` did, in one line."""
+    return ("removed " if uninstall else "installed ") + ", ".join(map(str, files))
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m apertus.eval.harness ARGS`: lm-eval's own command line with `apertus` registered."""
     from lm_eval.__main__ import cli_evaluate
