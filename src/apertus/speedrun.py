@@ -136,9 +136,9 @@ def stage_tokenizer(out: Path, sizes: dict, tokenizer: str) -> dict:
 
 
 def stage_data(out: Path, sizes: dict, run: Path) -> dict:
-    from .compliance.manifest import record_data_build
+    from .compliance.manifest import build_recorded
     from .config import load_toml
-    from .data.pipeline import build, funnel_table
+    from .data.pipeline import funnel_table
 
     recipe = load_toml(RECIPES / "data_tiny.toml")
     recipe["dataset"]["tokenizer"] = str((run / "tokenizer" / "tokenizer.json").resolve())
@@ -147,10 +147,8 @@ def stage_data(out: Path, sizes: dict, run: Path) -> dict:
             src["limit"] = sizes["data"]["limits"][src["name"]]
     if "tasks" in sizes["data"]:
         recipe["executor"]["tasks"] = sizes["data"]["tasks"]
-    t = time.time()
-    manifest = build(recipe, out / "dataset")
+    manifest = build_recorded(recipe, out / "dataset")
     print(funnel_table(manifest))
-    record_data_build(out / "dataset", wall_time=time.time() - t)
     return {"tokens": sum(s["n_tokens"] for s in manifest["shards"])}
 
 
