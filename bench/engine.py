@@ -82,9 +82,9 @@ def main():
               flush=True)
         measured.append({"workload": name, "tokens": tokens, "seconds": {"apertus": t["ours"],
                                                                          "transformers": t["ref"]}})
-        how = "eager" if compile is False or "eager" in name else "compiled"
+        how = "" if "eager" in name else ", compiled" if compile else ", eager"
         new = "" if unit != "tok/s" else f", {args.new} new tokens" if "mixed" not in name else ""
-        log.row(f"{name}, {args.preset}, {args.dtype}, {how}{new}",
+        log.row(f"{name}, {args.preset}, {args.dtype}{how}{new}",
                 f"{tokens / t['ours']:,.0f} {unit}", f"transformers `generate` {tokens / t['ref']:,.0f} {unit}",
                 ratio(t["ref"] / t["ours"]))
 
