@@ -83,7 +83,8 @@ def main():
         measured.append({"workload": name, "tokens": tokens, "seconds": {"apertus": t["ours"],
                                                                          "transformers": t["ref"]}})
         how = "" if "eager" in name else ", compiled" if compile else ", eager"
-        new = "" if unit != "tok/s" else f", {args.new} new tokens" if "mixed" not in name else ""
+        new = ("" if unit != "tok/s" else f", {args.new // 4}–{2 * args.new} new tokens" if "mixed" in name
+               else f", {args.new} new tokens")
         log.row(f"{name}, {args.preset}, {args.dtype}{how}{new}",
                 f"{tokens / t['ours']:,.0f} {unit}", f"transformers `generate` {tokens / t['ref']:,.0f} {unit}",
                 ratio(t["ref"] / t["ours"]))

@@ -70,8 +70,8 @@ def main():
               f"ratio {t['peer'] / t['ours']:.2f}x")
         measured[name] = {"docs": len(docs), "requests": len(pairs), "request_tokens": tokens, "max_abs_dll": err,
                           "seconds": {"apertus": t["ours"], "lm_eval_hflm": t["peer"]}}
-        log.row(f"{name} multiple-choice scoring, {len(docs)} docs, {args.layers} layers × {args.hidden}, vocab "
-                f"131,072, fp32", f"{len(docs) / t['ours']:.1f} docs/s",
+        log.row(f"{name} multiple-choice scoring, {len(docs)} docs, {args.layers}-layer {args.hidden}-wide "
+                f"model, vocab 131,072, fp32", f"{len(docs) / t['ours']:.1f} docs/s",
                 f"lm-eval HFLM {len(docs) / t['peer']:.1f} docs/s", ratio(t["peer"] / t["ours"]))
     log.write({"hidden": args.hidden, "layers": args.layers, "device": args.device, "rounds": args.rounds,
                "hflm_batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "tasks": measured})

@@ -158,18 +158,29 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
     model_dir = make_checkpoint(work, args.preset)
     ours_port, peer_port = free_port(), free_port()
-    servers = [start([sys.executable, "-m", "apertus.cli", "serve", str(model_dir), "--port", str(ours_port),
-                      "--served-model-name", "bench", "--log-level", "warning", "--max-batch",
-                      str(max(args.concurrency)), *([] if args.no_compile else ["--compile"])], ours_port,
-                     work / "ours.log")]
-    if not args.no_peer:
-        servers.append(start([str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
-                              "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning",
-                              *(["--continuous-batching"] if args.peer_cb else [])], peer_port, work / "peer.log"))
+    servers = []
+    try:  # a server that fails to start must not leave the other one running
+        servers.append(start([sys.executable, "-m", "apertus.cli", "serve", str(model_dir), "--port", str(ours_port),
+                              "--served-model-name", "bench", "--log-level", "warning", "--max-batch",
+                              str(max(args.concurrency)), *([] if args.no_compile else ["--compile"])], ours_port,
+                             work / "ours.log"))
+        targets = {"ours": (f"http://127.0.0.1:{ours_port}", "bench", {"ignore_eos": True})}
+        if not args.no_peer:
+            servers.append(start([str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
+                                  "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning",
+                                  *(["--continuous-batching"] if args.peer_cb else [])], peer_port,
+                                 work / "peer.log"))
+            targets["peer"] = (f"http://127.0.0.1:{peer_port}", str(model_dir), {})
+        run_all(args, model_dir, targets, log)
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait(30)
+
+
+def run_all(args, model_dir: Path, targets: dict, log: BenchLog) -> None:
+    """Every concurrency against the running servers and the in-process engine, then the log."""
     engine = Engine(model_dir, max_batch=max(args.concurrency), compile=not args.no_compile)
-    targets = {"ours": (f"http://127.0.0.1:{ours_port}", "bench", {"ignore_eos": True})}
-    if not args.no_peer:
-        targets["peer"] = (f"http://127.0.0.1:{peer_port}", str(model_dir), {})
     print(f"streaming chat, {args.preset} ({engine.model.num_params() / 1e6:.1f}M params, random weights, vocab "
           f"{engine.config.vocab_size}), cpu {os.cpu_count()} cores, {args.new} new tokens, {args.requests} "
           f"requests per client; peer: transformers serve{' --continuous-batching' if args.peer_cb else ''}")
@@ -177,15 +188,11 @@ def main():
           f"{'ours/engine':>11}")
     try:
         measured = [measure(c, args, engine, targets, log) for c in args.concurrency]
-        log.write({"preset": args.preset, "new_tokens": args.new, "requests_per_client": args.requests,
-                   "rounds": args.rounds, "compiled": not args.no_compile, "peer": None if args.no_peer else
-                   peer_name(args).strip("`"), "concurrency": measured})
     finally:
         engine.close()
-        for proc in servers:
-            proc.terminate()
-            proc.wait(30)
-
+    log.write({"preset": args.preset, "new_tokens": args.new, "requests_per_client": args.requests,
+               "rounds": args.rounds, "compiled": not args.no_compile, "peer": None if args.no_peer else
+               peer_name(args).strip("`"), "concurrency": measured})
 
 if __name__ == "__main__":
     main()
