@@ -4,7 +4,9 @@
   2. the filter phase of the default recipe on UDHR + FLORES (ingest with LID and token count, quality, PII,
      toxicity) vs datatrove's stock pipeline of the same readers and quality filters alone;
   3. the loader: PackedLoader rows vs slicing one pre-concatenated array (an upper bound).
-Run: PYTHONPATH=src python bench/data.py"""
+Run: PYTHONPATH=src python bench/data.py
+The log (bench/_log.py) goes to bench/results/data.json
+"""
 
 import os
 import sys

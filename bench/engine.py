@@ -15,6 +15,7 @@ batch 1, eager" shows the engine without it (--no-compile: every row eager).
 Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
 alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours. Both models
 are built in memory with the same random weights (no checkpoint on disk, so an 8B run needs no disk).
+The log (bench/_log.py) goes to bench/results/engine-<preset>-<dtype>[-eager][-<device>].json
 """
 
 import argparse
@@ -73,15 +74,13 @@ def main():
     print(f"greedy generation, {args.preset} ({ours.num_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}), "
           f"{args.dtype}, {where}, {args.new} new tokens per request, ours {'compiled' if compile else 'eager'}")
     print(f"{'workload':24} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
-
     measured = []
 
     def row(name, tokens, ours, theirs, unit="tok/s"):
         t = interleaved({"ours": ours, "ref": theirs}, rounds=args.rounds)
         print(f"{name:24} {tokens / t['ours']:14,.0f} {tokens / t['ref']:19,.0f} {t['ref'] / t['ours']:5.2f}x",
               flush=True)
-        measured.append({"workload": name, "tokens": tokens, "seconds": {"apertus": t["ours"],
-                                                                         "transformers": t["ref"]}})
+        measured.append({"workload": name, "tokens": tokens, "seconds": {"apertus": t["ours"], "peer": t["ref"]}})
         how = "" if "eager" in name else ", compiled" if compile else ", eager"
         new = ("" if unit != "tok/s" else f", {args.new // 4}–{2 * args.new} new tokens" if "mixed" in name
                else f", {args.new} new tokens")

@@ -5,6 +5,7 @@ ApertusForCausalLM, same weights, same requests (the harness's own model class i
 
 Requests: SIB-200 (a long prompt shared by 7 choices) and XCOPA (2 short choices), tokenized with the real Apertus
 tokenizer. Both sides give the same log-likelihoods (checked) and run in fp32 on the same device.
+The log (bench/_log.py) goes to bench/results/eval-h<hidden>-l<layers>[-<device>].json
 """
 
 import argparse

@@ -3,6 +3,7 @@
     python bench/model.py [--preset tiny] [--batch 8] [--seq 512] [--steps 5]
 
 Both models are converted to the dtype under test (fp32, bf16) and run interleaved so machine noise hits both.
+The log (bench/_log.py) goes to bench/results/model-<preset>-<batch>x<seq>.json
 """
 
 import argparse

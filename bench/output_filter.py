@@ -6,6 +6,7 @@ The stream is generated-like text (prose in several languages with e-mails, IBAN
 Faker) tokenized by the real Apertus tokenizer and decoded token by token, as the engine streams it.
 
     python bench/output_filter.py [--tokens 2000]
+The log (bench/_log.py) goes to bench/results/output_filter.json
 """
 
 import argparse

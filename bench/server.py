@@ -11,6 +11,7 @@ server's tokens/s over the raw engine's (`Engine.generate` on the same prompts i
 and the chat format. The model is the preset with random weights and a small tokenizer trained on the spot, saved
 with the official chat template so transformers renders the same prompts. --peer-cb runs transformers with
 --continuous-batching (slow to warm up on CPU). Ours runs with --compile (--no-compile: eager), as a server would.
+The log (bench/_log.py) goes to bench/results/server-<preset>[-eager][-nopeer][-peer-cb].json
 """
 
 import argparse

@@ -4,6 +4,7 @@
 
 Default text: the FLORES-200 sentences of all 205 languages (embedded data, ~12 MB). Two ways of encoding:
 batched (all lines at once, the data pipeline's path) and one line at a time. Both produce the same ids (checked).
+The log (bench/_log.py) goes to bench/results/tokenizer[-<file stem>][-<tokenizer stem>].json
 """
 
 import argparse

@@ -6,6 +6,7 @@ torch AdamW, same config, same weights, same batches, bf16 autocast over fp32 ma
 One "step" is a full optimizer step: forward, backward, gradient clipping, optimizer update. MFU is measured against
 this machine's bf16 matmul peak (2048³ matmuls, timed in the same rounds as the steps), the CPU analogue of the
 989 TFLOP/s reference on GPUs.
+The log (bench/_log.py) goes to bench/results/train-<preset>-<batch>x<seq>[-eager].json
 """
 
 import argparse
