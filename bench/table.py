@@ -30,6 +30,9 @@ def load_logs(results: Path) -> list[tuple[str, dict]]:
             raise SystemExit(f"{path}: not valid JSON ({e})") from e
         if not isinstance(log, dict) or not isinstance(log.get("rows"), list):
             raise SystemExit(f"{path}: no `rows` list; logs are written by bench/_log.py (rerun the benchmark)")
+        bad = [r for r in log["rows"] if not isinstance(r, dict) or not {"benchmark", "apertus"} <= set(r)]
+        if bad:  # e.g. a log from before bench/_log.py, whose `rows` held raw measurements
+            raise SystemExit(f"{path}: `rows` entries need `benchmark` and `apertus` (and `peer`, `ratio`): {bad[0]}")
         logs.append((path.stem, log))
 
     def key(item):

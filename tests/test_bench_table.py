@@ -117,6 +117,9 @@ def test_clear_errors_for_missing_markers_and_old_logs(setup):
     (results / "old.json").write_text(json.dumps({"benchmark": "structured", "time": "2026-12-01"}))
     done = run(readme, results)
     assert done.returncode != 0 and "old.json" in done.stderr and "rows" in done.stderr
+    (results / "old.json").write_text(json.dumps(log("structured", [{"batch": 1, "free_tok_s": 1.7}])))
+    done = run(readme, results)
+    assert done.returncode != 0 and "old.json" in done.stderr and "benchmark" in done.stderr
     assert readme.read_text() == README
 
 
