@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 OUT ?= runs/demo
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench bench-table lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +25,15 @@ demo: setup
 	$(VENV)/bin/apertus info tiny
 	$(PY) runs/demo.py --out $(OUT)
 
+# every benchmark writes its log to bench/results/ (bench/_log.py); bench-table turns the logs into the README's table
+BENCHES := $(filter-out bench/table.py,$(wildcard bench/[a-z]*.py))
+
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) bench/table.py
+
+bench-table:
+	python3 bench/table.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench runs

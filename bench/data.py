@@ -4,7 +4,9 @@
   2. the filter phase of the default recipe on UDHR + FLORES (ingest with LID and token count, quality, PII,
      toxicity) vs datatrove's stock pipeline of the same readers and quality filters alone;
   3. the loader: PackedLoader rows vs slicing one pre-concatenated array (an upper bound).
-Run: PYTHONPATH=src python bench/data.py"""
+Run: PYTHONPATH=src python bench/data.py
+The log (bench/_log.py) goes to bench/results/data.json
+"""
 
 import os
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _log import BenchLog, ratio  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -39,6 +42,7 @@ def main():
     from loguru import logger
 
     logger.remove()
+    log = BenchLog("data")
     corpus = docs()
     texts = [d.text for d in corpus]
     from apertus.tokenizer import apertus_tokenizer_path
@@ -52,6 +56,10 @@ def main():
     for k, v in t.items():
         print(f"  {k:<13} {len(texts) / v:9,.0f} docs/s {n_tok / v:12,.0f} tokens/s {mb / v:6.2f} MB/s")
     print(f"  ratio ours/encode_batch time: {t['ours'] / t['encode_batch']:.2f}")
+    log.row(f"tokenization, 1 core, {len(texts):,} UDHR + FLORES docs ({mb:.1f} MB)",
+            f"{n_tok / t['ours']:,.0f} tok/s", f"datatrove-style `encode_batch` {n_tok / t['encode_batch']:,.0f} tok/s",
+            ratio(t["encode_batch"] / t["ours"]))
+    measured = {"docs": len(texts), "megabytes": mb, "tokens": n_tok, "tokenization_seconds": t}
 
     recipe = load_recipe(ROOT / "recipes/data_tiny.toml")
     recipe["sources"] = [s for s in recipe["sources"] if s["name"] in ("udhr", "flores")]
@@ -76,6 +84,11 @@ def main():
         print(f"  {k:<13} {len(corpus) / v:9,.0f} docs/s {n_tok / v:12,.0f} tokens/s")
     print(f"  ratio ours/quality-only time: {t['ours'] / t['quality only']:.2f} (the cost of LID, token counting, "
           f"PII and toxicity on top of datatrove's filters)")
+    log.row("filter phase of the default recipe, 1 core (ours adds LID, token counts, PII, toxicity)",
+            f"{len(corpus) / t['ours']:,.0f} docs/s",
+            f"datatrove quality filters alone {len(corpus) / t['quality only']:,.0f} docs/s",
+            ratio(t["quality only"] / t["ours"]))
+    measured["filter_seconds"] = t
 
     out = Path(os.environ.get("APERTUS_BENCH_DATASET", ""))
     if (out / "manifest.json").exists():
@@ -92,8 +105,13 @@ def main():
         t = interleaved({"PackedLoader": lambda: next(loader), "array slicing": slicing}, rounds=20)
         for k, v in t.items():
             print(f"  loader {k:<14} {8 * 4096 / v:14,.0f} tokens/s")
+        log.row("loader, 8×4096 rows", f"{8 * 4096 / t['PackedLoader']:,.0f} tok/s",
+                f"slicing one array (upper bound) {8 * 4096 / t['array slicing']:,.0f} tok/s",
+                ratio(t["array slicing"] / t["PackedLoader"]))
+        measured["loader_seconds"] = t
     else:
         print("(set APERTUS_BENCH_DATASET=<built dataset> to also time the loader)")
+    log.write(measured)
 
 
 if __name__ == "__main__":

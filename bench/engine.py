@@ -15,6 +15,7 @@ batch 1, eager" shows the engine without it (--no-compile: every row eager).
 Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
 alternate (bench/_timing.py) so machine noise hits both; the ratio is transformers' time over ours. Both models
 are built in memory with the same random weights (no checkpoint on disk, so an 8B run needs no disk).
+The log (bench/_log.py) goes to bench/results/engine-<preset>-<dtype>[-eager][-<device>].json
 """
 
 import argparse
@@ -22,6 +23,7 @@ import copy
 
 import torch
 import transformers
+from _log import BenchLog, ratio
 from _timing import interleaved
 
 from apertus import build_model, preset
@@ -53,6 +55,8 @@ def main():
     ap.add_argument("--cache-gb", type=float, default=2.0)
     ap.add_argument("--no-compile", action="store_true", help="our engine without torch.compile")
     args = ap.parse_args()
+    log = BenchLog("engine", [args.preset, args.dtype, "eager" if args.no_compile else "",
+                              args.device if args.device != "cpu" else ""])
     dtype = parse_dtype(args.dtype)
     cfg = preset(args.preset)
     g = torch.Generator().manual_seed(0)
@@ -70,11 +74,19 @@ def main():
     print(f"greedy generation, {args.preset} ({ours.num_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}), "
           f"{args.dtype}, {where}, {args.new} new tokens per request, ours {'compiled' if compile else 'eager'}")
     print(f"{'workload':24} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    measured = []
 
-    def row(name, tokens, ours, theirs):
+    def row(name, tokens, ours, theirs, unit="tok/s"):
         t = interleaved({"ours": ours, "ref": theirs}, rounds=args.rounds)
         print(f"{name:24} {tokens / t['ours']:14,.0f} {tokens / t['ref']:19,.0f} {t['ref'] / t['ours']:5.2f}x",
               flush=True)
+        measured.append({"workload": name, "tokens": tokens, "seconds": {"apertus": t["ours"], "peer": t["ref"]}})
+        how = "" if "eager" in name else ", compiled" if compile else ", eager"
+        new = ("" if unit != "tok/s" else f", {args.new // 4}–{2 * args.new} new tokens" if "mixed" in name
+               else f", {args.new} new tokens")
+        log.row(f"{name}, {args.preset}, {args.dtype}{how}{new}",
+                f"{tokens / t['ours']:,.0f} {unit}", f"transformers `generate` {tokens / t['ref']:,.0f} {unit}",
+                ratio(t["ref"] / t["ours"]))
 
     def make_prompts(lengths):
         return [[1] + torch.randint(1000, cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lengths]
@@ -96,7 +108,7 @@ def main():
     prompt = make_prompts([args.prefill])
     one = SamplingParams(temperature=0, max_tokens=1)
     row(f"prefill {args.prefill} tokens", args.prefill, lambda: engine.generate(prompt, one),
-        lambda: hf_generate(ref, prompt, 1))
+        lambda: hf_generate(ref, prompt, 1), unit="prompt tok/s")
     for e in (engine, eager):
         if e is not None:
             e.close()
@@ -106,6 +118,9 @@ def main():
         row("decode b1, ours int8", args.new, lambda: int8.generate(prompt, greedy),
             lambda: hf_generate(ref, prompt, args.new))
         int8.close()
+    log.write({"preset": args.preset, "params_m": round(ours.num_params() / 1e6, 1), "dtype": args.dtype,
+               "device": args.device, "compiled": compile, "new_tokens": args.new, "concurrency": args.concurrency,
+               "prefill": args.prefill, "rounds": args.rounds, "workloads": measured})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ ApertusForCausalLM, same weights, same requests (the harness's own model class i
 
 Requests: SIB-200 (a long prompt shared by 7 choices) and XCOPA (2 short choices), tokenized with the real Apertus
 tokenizer. Both sides give the same log-likelihoods (checked) and run in fp32 on the same device.
+The log (bench/_log.py) goes to bench/results/eval-h<hidden>-l<layers>[-<device>].json
 """
 
 import argparse
@@ -14,6 +15,7 @@ import tempfile
 
 import torch
 import transformers
+from _log import BenchLog, ratio
 from _timing import interleaved
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -33,6 +35,7 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=8192, help="our tokens per forward")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    log = BenchLog("eval", [f"h{args.hidden}", f"l{args.layers}", args.device if args.device != "cpu" else ""])
 
     heads = max(1, args.hidden // 64)
     cfg = transformers.ApertusConfig(vocab_size=131072, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -51,6 +54,7 @@ def main():
                                                eos_token="</s>", pad_token="<pad>")
     peer = HFLM(pretrained=hf, tokenizer=tok, batch_size=args.batch_size, add_bos_token=True, device=args.device)
 
+    measured = {}
     for name, docs in (("sib200_eng_Latn", T.sib200_docs("eng_Latn")[:args.docs]),
                        ("xcopa_it", T.xcopa_docs("it")[:args.docs])):
         pairs = [p for d in docs for p in d.pairs]
@@ -65,6 +69,13 @@ def main():
         print(f"{name}: {len(docs)} docs, {len(pairs)} requests, {tokens:,} request tokens, max |dll| {err:.1e}; "
               f"apertus {len(docs) / t['ours']:.1f} docs/s, lm-eval HFLM {len(docs) / t['peer']:.1f} docs/s, "
               f"ratio {t['peer'] / t['ours']:.2f}x")
+        measured[name] = {"docs": len(docs), "requests": len(pairs), "request_tokens": tokens, "max_abs_dll": err,
+                          "seconds": {"apertus": t["ours"], "lm_eval_hflm": t["peer"]}}
+        log.row(f"{name} multiple-choice scoring, {len(docs)} docs, {args.layers}-layer {args.hidden}-wide "
+                f"model, vocab 131,072, fp32", f"{len(docs) / t['ours']:.1f} docs/s",
+                f"lm-eval HFLM {len(docs) / t['peer']:.1f} docs/s", ratio(t["peer"] / t["ours"]))
+    log.write({"hidden": args.hidden, "layers": args.layers, "device": args.device, "rounds": args.rounds,
+               "hflm_batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "tasks": measured})
 
 
 if __name__ == "__main__":

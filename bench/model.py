@@ -3,6 +3,7 @@
     python bench/model.py [--preset tiny] [--batch 8] [--seq 512] [--steps 5]
 
 Both models are converted to the dtype under test (fp32, bf16) and run interleaved so machine noise hits both.
+The log (bench/_log.py) goes to bench/results/model-<preset>-<batch>x<seq>.json
 """
 
 import argparse
@@ -10,6 +11,7 @@ import tempfile
 
 import torch
 import transformers
+from _log import BenchLog, ratio
 from _timing import interleaved
 
 from apertus import build_model, load_model, preset, save_model
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
+    log = BenchLog("model", [args.preset, f"{args.batch}x{args.seq}"])
     torch.manual_seed(0)
     cfg = preset(args.preset)
     with tempfile.TemporaryDirectory() as d:
@@ -41,12 +44,19 @@ def main():
     print(f"forward+backward, {args.preset} ({ours32.num_params() / 1e6:.1f}M params), batch {args.batch} x "
           f"{args.seq}, {torch.get_num_threads()} threads")
     print(f"{'dtype':6} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    seconds = {}
     for dtype in (torch.float32, torch.bfloat16):
         ours, ref = ours32.to(dtype), ref32.to(dtype)
         t = interleaved({"ours": lambda m=ours: step(m, ids, False), "ref": lambda m=ref: step(m, ids, True)},
                         rounds=args.steps)
         a, b = t["ours"], t["ref"]
-        print(f"{str(dtype).split('.')[-1]:6} {tokens / a:14,.0f} {tokens / b:19,.0f} {b / a:5.2f}x")
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        seconds[name] = {"apertus": a, "transformers": b}
+        print(f"{name:6} {tokens / a:14,.0f} {tokens / b:19,.0f} {b / a:5.2f}x")
+        log.row(f"forward+backward, {args.preset}, {args.batch}×{args.seq}, {name}", f"{tokens / a:,.0f} tok/s",
+                f"transformers `ApertusForCausalLM` {tokens / b:,.0f} tok/s", ratio(b / a))
+    log.write({"preset": args.preset, "params_m": round(ours32.num_params() / 1e6, 1), "batch": args.batch,
+               "seq": args.seq, "tokens_per_step": tokens, "rounds": args.steps, "seconds_per_step": seconds})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ request to each server as a warm-up:
 Every round uses new user messages, so what is cached is what production would have cached: the system prompt and
 tool list every request shares, and the history of the chat at hand. The model is the preset with random weights
 and the real Apertus tokenizer (so token counts are the real ones), served as streaming chat through the official
-openai client (async). Results go to bench/results/prefix-<preset>.json, with the machine's load average.
+openai client (async). The log goes to bench/results/prefix-<preset>[-compile].json (bench/_log.py).
 """
 
 import argparse
@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 
 import openai
+from _log import BenchLog, ratio
 from server import free_port, start
 
 from apertus import build_model, preset, save_model
 from apertus.chat import encode_chat, official_template
 from apertus.infer import Engine, SamplingParams
 from apertus.tokenizer import Tokenizer, apertus_tokenizer_path
-from apertus.util import atomic_write_json
 
 WORDS = ("canton federal council railway glacier referendum language data model training open weights village "
          "mountain lake cheese watch bank neutral research science students university multilingual compliance "
@@ -150,6 +150,27 @@ def rollouts(model_dir: Path, args) -> dict:
             "speedup": sec["off"] / sec["on"], "same_samples": statistics.mean(same)}
 
 
+def table_rows(log: BenchLog, r: dict) -> None:
+    """The README rows of a prefix result (also used to add rows to logs written before bench/_log.py)."""
+    how = "`--compile`" if r["compile"] else "eager"
+    turns, chat, sh, roll = len(r["chat"]["turn_ttft_ms"]["on"]), r["chat"]["turn_ttft_ms"], r["shared"], r["rollouts"]
+    log.row(f"{turns}-turn chat, time to first token at turn {turns} (60-word messages, {r['new_tokens']}-token "
+            f"replies), {r['preset']}, {how}, prefix caching on vs off", f"{chat['on'][-1]:,.0f} ms",
+            f"same server, `--no-prefix-caching` {chat['off'][-1]:,.0f} ms", ratio(chat["off"][-1] / chat["on"][-1]))
+    on, off = sh["on"], sh["off"]
+    log.row(f"{sh['clients']} clients, default system prompt + tool list ({sh['prompt_tokens']:,} tokens): TTFT p50 "
+            f"/ p95, requests/s", f"{on['ttft_p50_ms'] / 1000:.1f} / {on['ttft_p95_ms'] / 1000:.1f} s, "
+            f"{on['requests_per_s']:.2f} req/s", f"`--no-prefix-caching` {off['ttft_p50_ms'] / 1000:.1f} / "
+            f"{off['ttft_p95_ms'] / 1000:.1f} s, {off['requests_per_s']:.2f} req/s",
+            " / ".join(ratio(x) for x in (off["ttft_p50_ms"] / on["ttft_p50_ms"],
+                                          off["ttft_p95_ms"] / on["ttft_p95_ms"],
+                                          on["requests_per_s"] / off["requests_per_s"])))
+    log.row(f"QRPO-style rollouts, n={roll['n']} samples × {len(roll['prompt_tokens'])} prompts "
+            f"(~{round(statistics.mean(roll['prompt_tokens']))} tokens), {roll['new_tokens']} new tokens",
+            f"{roll['seconds']['on']:,.1f} s", f"prefix caching off {roll['seconds']['off']:,.1f} s",
+            ratio(roll["speedup"]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
@@ -158,9 +179,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="measured rounds per workload")
     ap.add_argument("--new", type=int, default=16, help="tokens per chat reply and per rollout")
     ap.add_argument("--compile", action="store_true", help="servers and engines with torch.compile")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", help="results folder (default bench/results)")
     args = ap.parse_args()
-    load_before = os.getloadavg()
+    log = BenchLog("prefix", [args.preset, "compile" if args.compile else ""], out=args.out)
     work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     model_dir = make_checkpoint(work, args.preset)
     urls, procs = {}, []
@@ -195,10 +216,8 @@ def main():
     system_tools = len(encode_chat(engine.tokenizer, [{"role": "user", "content": "x"}], tools=TOOLS,
                                    add_generation_prompt=True)[0])
     result = {
-        "benchmark": "bench/prefix.py", "preset": args.preset, "params_m": round(engine.model.num_params() / 1e6, 1),
-        "compile": args.compile, "cpu_cores": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "rounds_measured": args.rounds,
+        "preset": args.preset, "params_m": round(engine.model.num_params() / 1e6, 1),
+        "compile": args.compile, "cpu_cores": os.cpu_count(), "rounds_measured": args.rounds,
         "new_tokens": args.new,
         "chat": {"turn_ttft_ms": chat, "last_turn_speedup": chat["off"][-1] / chat["on"][-1]},
         "shared": {"clients": args.clients, "prompt_tokens": system_tools, **share,
@@ -208,14 +227,13 @@ def main():
     }
     engine.close()
     print(result, flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = atomic_write_json(Path(args.out) / f"prefix-{args.preset}{'-compile' if args.compile else ''}.json",
-                             result)
+    table_rows(log, result)
+    path = log.write(result)
     print(f"chat TTFT per turn (ms), on: {[round(x) for x in chat['on']]}\n"
           f"                        off: {[round(x) for x in chat['off']]}\n"
           f"turn {args.turns}: {result['chat']['last_turn_speedup']:.1f}x faster with prefix caching\n"
           f"shared ({system_tools} prompt tokens, {args.clients} clients): on {share['on']}\n  off {share['off']}\n"
-          f"rollouts: {roll['seconds']} ({roll['speedup']:.2f}x)\nload {load_before} -> {os.getloadavg()}; {path}")
+          f"rollouts: {roll['seconds']} ({roll['speedup']:.2f}x)\nload {log.load_before} -> {os.getloadavg()}; {path}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ server's tokens/s over the raw engine's (`Engine.generate` on the same prompts i
 and the chat format. The model is the preset with random weights and a small tokenizer trained on the spot, saved
 with the official chat template so transformers renders the same prompts. --peer-cb runs transformers with
 --continuous-batching (slow to warm up on CPU). Ours runs with --compile (--no-compile: eager), as a server would.
+The log (bench/_log.py) goes to bench/results/server-<preset>[-eager][-nopeer][-peer-cb].json
 """
 
 import argparse
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from _log import BenchLog, ratio
 from _timing import interleaved
 
 from apertus import build_model, preset, save_model
@@ -101,7 +103,7 @@ def workload(url: str, model: str, concurrency: int, per_client: int, new: int, 
     return asyncio.run(main())
 
 
-def measure(c: int, args, engine, targets: dict):
+def measure(c: int, args, engine, targets: dict, log: BenchLog) -> dict:
     """One row per server at concurrency c; the servers and the raw engine alternate."""
     results = {name: [] for name in targets}
 
@@ -122,10 +124,22 @@ def measure(c: int, args, engine, targets: dict):
         rows[name] = (med["requests"] / med["seconds"], med["tokens"] / med["seconds"],
                       1000 * statistics.median(med["ttft"]))
     for name, (rps, tps, ttft) in rows.items():
-        ratio = f"{tps / rows['peer'][1]:14.2f}x" if "peer" in rows and name == "ours" else " " * 15
+        vs_peer = f"{tps / rows['peer'][1]:14.2f}x" if "peer" in rows and name == "ours" else " " * 15
         versus = f"{tps / engine_tps:10.2f}x" if name == "ours" else ""
         label = "apertus serve" if name == "ours" else "transformers"
-        print(f"{c:7d} {label:>13} {rps:7.2f} {tps:8.1f} {ttft:8.0f}   {ratio} {versus}", flush=True)
+        print(f"{c:7d} {label:>13} {rps:7.2f} {tps:8.1f} {ttft:8.0f}   {vs_peer} {versus}", flush=True)
+    ours, peer = rows["ours"], rows.get("peer")
+    how = f"{args.preset}, {args.new} new tokens, {'eager' if args.no_compile else '`--compile`'}"
+    log.row(f"streaming chat, {c} client{'s' if c > 1 else ''}, {how}", f"{ours[1]:,.1f} tok/s",
+            f"{peer_name(args)} {peer[1]:,.1f} tok/s" if peer else "", ratio(ours[1] / peer[1]) if peer else "")
+    log.row(f"median time to first token, {c} client{'s' if c > 1 else ''}", f"{ours[2]:,.0f} ms",
+            f"{peer_name(args)} {peer[2]:,.0f} ms" if peer else "", ratio(peer[2] / ours[2]) if peer else "")
+    return {"clients": c, "engine_tok_s": engine_tps, **{name: {"requests_per_s": r[0], "tok_s": r[1], "ttft_ms": r[2]}
+                                                           for name, r in rows.items()}}
+
+
+def peer_name(args) -> str:
+    return f"`transformers serve{' --continuous-batching' if args.peer_cb else ''}`"
 
 
 def main():
@@ -139,36 +153,47 @@ def main():
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="our server without --compile")
     args = ap.parse_args()
+    log = BenchLog("server", [args.preset, "eager" if args.no_compile else "", "nopeer" if args.no_peer else "",
+                              "peer-cb" if args.peer_cb else ""])
 
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
     model_dir = make_checkpoint(work, args.preset)
     ours_port, peer_port = free_port(), free_port()
-    servers = [start([sys.executable, "-m", "apertus.cli", "serve", str(model_dir), "--port", str(ours_port),
-                      "--served-model-name", "bench", "--log-level", "warning", "--max-batch",
-                      str(max(args.concurrency)), *([] if args.no_compile else ["--compile"])], ours_port,
-                     work / "ours.log")]
-    if not args.no_peer:
-        servers.append(start([str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
-                              "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning",
-                              *(["--continuous-batching"] if args.peer_cb else [])], peer_port, work / "peer.log"))
+    servers = []
+    try:  # a server that fails to start must not leave the other one running
+        servers.append(start([sys.executable, "-m", "apertus.cli", "serve", str(model_dir), "--port", str(ours_port),
+                              "--served-model-name", "bench", "--log-level", "warning", "--max-batch",
+                              str(max(args.concurrency)), *([] if args.no_compile else ["--compile"])], ours_port,
+                             work / "ours.log"))
+        targets = {"ours": (f"http://127.0.0.1:{ours_port}", "bench", {"ignore_eos": True})}
+        if not args.no_peer:
+            servers.append(start([str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir),
+                                  "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning",
+                                  *(["--continuous-batching"] if args.peer_cb else [])], peer_port,
+                                 work / "peer.log"))
+            targets["peer"] = (f"http://127.0.0.1:{peer_port}", str(model_dir), {})
+        run_all(args, model_dir, targets, log)
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait(30)
+
+
+def run_all(args, model_dir: Path, targets: dict, log: BenchLog) -> None:
+    """Every concurrency against the running servers and the in-process engine, then the log."""
     engine = Engine(model_dir, max_batch=max(args.concurrency), compile=not args.no_compile)
-    targets = {"ours": (f"http://127.0.0.1:{ours_port}", "bench", {"ignore_eos": True})}
-    if not args.no_peer:
-        targets["peer"] = (f"http://127.0.0.1:{peer_port}", str(model_dir), {})
     print(f"streaming chat, {args.preset} ({engine.model.num_params() / 1e6:.1f}M params, random weights, vocab "
           f"{engine.config.vocab_size}), cpu {os.cpu_count()} cores, {args.new} new tokens, {args.requests} "
           f"requests per client; peer: transformers serve{' --continuous-batching' if args.peer_cb else ''}")
     print(f"{'clients':>7} {'':>13} {'req/s':>7} {'tok/s':>8} {'TTFT ms':>8}   {'ours/peer tok/s':>15} "
           f"{'ours/engine':>11}")
     try:
-        for c in args.concurrency:
-            measure(c, args, engine, targets)
+        measured = [measure(c, args, engine, targets, log) for c in args.concurrency]
     finally:
         engine.close()
-        for proc in servers:
-            proc.terminate()
-            proc.wait(30)
-
+    log.write({"preset": args.preset, "new_tokens": args.new, "requests_per_client": args.requests,
+               "rounds": args.rounds, "compiled": not args.no_compile, "peer": None if args.no_peer else
+               peer_name(args).strip("`"), "concurrency": measured})
 
 if __name__ == "__main__":
     main()

@@ -7,17 +7,15 @@ The model is the preset with the real Apertus vocabulary (131,072 tokens: the ma
 vocabulary, so a smaller one would flatter it) and random weights; the tokenizer is the released one. The schema is
 an array of at least 1,000 objects (bounded strings, integers, enums, booleans), so no request can finish before
 --new tokens and both sides generate exactly the same number of tokens. Constrained and free runs alternate
-(bench/_timing.py); the result (with the machine's load average) goes to bench/results/structured.json.
+(bench/_timing.py); the log goes to bench/results/structured-<preset>-<dtype>[-eager].json (bench/_log.py).
 """
 
 import argparse
 import dataclasses
-import json
 import os
-import time
-from pathlib import Path
 
 import torch
+from _log import BenchLog, ratio
 from _timing import interleaved
 
 from apertus import build_model, preset
@@ -33,6 +31,16 @@ ITEM = {"type": "object", "additionalProperties": False, "required": ["name", "a
 SCHEMA = {"type": "array", "minItems": 1000, "items": ITEM}
 
 
+def table_rows(log: BenchLog, r: dict) -> None:
+    """The README rows of a structured result (also used to add rows to logs written before bench/_log.py)."""
+    how = "compiled" if r["compiled"] else "eager"
+    for b in r["batches"]:
+        log.row(f"JSON-Schema-constrained decoding, {r['preset']} with vocab {r['vocab_size']:,}, batch {b['batch']}, "
+                f"{r['dtype']}, {how}, {r['new_tokens']} new tokens",
+                f"{b['constrained_tok_s']:,.2f} tok/s ({100 * b['slowdown']:+.1f}% time per token)",
+                f"same engine unconstrained {b['free_tok_s']:,.2f} tok/s", ratio(1 / (1 + b["slowdown"])))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
@@ -41,8 +49,9 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "structured.json"))
+    ap.add_argument("--out", help="results folder (default bench/results)")
     args = ap.parse_args()
+    log = BenchLog("structured", [args.preset, args.dtype, "eager" if args.no_compile else ""], out=args.out)
     cfg = dataclasses.replace(preset(args.preset), vocab_size=131072)
     model = build_model(cfg, dtype=parse_dtype(args.dtype), seed=0)
     tokenizer = apertus_tokenizer_path()
@@ -55,7 +64,7 @@ def main():
     print(f"greedy, {args.preset} with vocab 131,072 ({model.num_params() / 1e6:,.1f}M params), {args.dtype}, "
           f"cpu {torch.get_num_threads()} threads, {'compiled' if not args.no_compile else 'eager'}, "
           f"{args.new} new tokens per request, load {os.getloadavg()[0]:.2f}")
-    rows = []
+    batches = []
     for batch in args.batch:
         prompts = [[1] + torch.randint(1000, cfg.vocab_size, (31,), generator=g).tolist() for _ in range(batch)]
 
@@ -71,21 +80,17 @@ def main():
                "us_per_token_free": 1e6 * t["free"] / tokens,
                "us_per_token_constrained": 1e6 * t["constrained"] / tokens,
                "slowdown": t["constrained"] / t["free"] - 1}
-        rows.append(row)
+        batches.append(row)
         print(f"batch {batch}: free {row['free_tok_s']:,.0f} tok/s, constrained {row['constrained_tok_s']:,.0f} tok/s"
               f" ({100 * row['slowdown']:+.1f}% time per token)", flush=True)
     [sample] = engine.generate([prompts[0]], dataclasses.replace(constrained, max_tokens=40))
-    result = {"benchmark": "structured", "preset": args.preset, "vocab_size": cfg.vocab_size, "dtype": args.dtype,
+    # the per-batch measurements are "batches": "rows" is the log's README table (bench/_log.py)
+    result = {"preset": args.preset, "vocab_size": cfg.vocab_size, "dtype": args.dtype,
               "compiled": not args.no_compile, "threads": torch.get_num_threads(), "new_tokens": args.new,
-              "load_avg_1_5_15": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "schema": SCHEMA, "rows": rows, "sample_output": sample.text}
+              "schema": SCHEMA, "batches": batches, "sample_output": sample.text}
     engine.close()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    tmp.replace(out)  # atomic
-    print(f"wrote {out}")
+    table_rows(log, result)
+    log.write(result)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ torch AdamW, same config, same weights, same batches, bf16 autocast over fp32 ma
 One "step" is a full optimizer step: forward, backward, gradient clipping, optimizer update. MFU is measured against
 this machine's bf16 matmul peak (2048³ matmuls, timed in the same rounds as the steps), the CPU analogue of the
 989 TFLOP/s reference on GPUs.
+The log (bench/_log.py) goes to bench/results/train-<preset>-<batch>x<seq>[-eager].json
 """
 
 import argparse
@@ -13,6 +14,7 @@ import tempfile
 
 import torch
 import transformers
+from _log import BenchLog, ratio
 from _timing import interleaved
 
 from apertus import build_model, load_model, preset, save_model
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = ap.parse_args()
+    log = BenchLog("train", [args.preset, f"{args.batch}x{args.seq}", "eager" if args.no_compile else ""])
     torch.manual_seed(0)
     cfg = preset(args.preset)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
@@ -79,6 +82,16 @@ def main():
     print(f"{'':16} {'tokens/s':>10} {'MFU':>6} {'vs transformers':>16}")
     for name, sec in t.items():
         print(f"{name:16} {tokens / sec:10,.0f} {100 * flops / sec / peak:5.1f}% {t['transformers'] / sec:15.2f}x")
+    peer = t["transformers"]
+    for name, what in (("apertus+compile", "torch.compile"), ("apertus", "eager")):
+        if name in t:
+            log.row(f"training step, {args.preset}, {args.batch}×{args.seq}, bf16 autocast, {what} "
+                    f"(MFU {100 * flops / t[name] / peak:.1f}%)", f"{tokens / t[name]:,.0f} tok/s",
+                    f"transformers + torch AdamW {tokens / peer:,.0f} tok/s", ratio(peer / t[name]))
+    log.write({"preset": args.preset, "params_m": round(ours.num_params() / 1e6, 1), "batch": args.batch,
+               "seq": args.seq, "tokens_per_step": tokens, "flops_per_step": flops, "rounds": args.rounds,
+               "bf16_matmul_peak_flops": peak, "seconds_per_step": t,
+               "mfu": {name: flops / sec / peak for name, sec in t.items()}})
 
 
 if __name__ == "__main__":
