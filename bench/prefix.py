@@ -19,7 +19,6 @@ openai client (async). The log goes to bench/results/prefix-<preset>[-compile].j
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import random
 import statistics
@@ -30,10 +29,9 @@ from pathlib import Path
 
 import openai
 from _log import BenchLog, ratio
-from server import free_port, start
+from server import free_port, make_checkpoint, start
 
-from apertus import build_model, preset, save_model
-from apertus.chat import encode_chat, official_template
+from apertus.chat import encode_chat
 from apertus.infer import Engine, SamplingParams
 from apertus.tokenizer import Tokenizer, apertus_tokenizer_path
 
@@ -58,16 +56,6 @@ TOOLS = [tool(f"{verb}_{thing}", f"{verb.capitalize()} the {thing} named by the 
 
 def text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-def make_checkpoint(out: Path, preset_name: str) -> Path:
-    tok = Tokenizer.from_file(apertus_tokenizer_path())
-    cfg = dataclasses.replace(preset(preset_name), vocab_size=tok.vocab_size)
-    model_dir = out / "model"
-    tok.save(model_dir, chat_template=official_template())
-    files = {f.name: f.read_text() for f in model_dir.iterdir()}
-    save_model(build_model(cfg, seed=0), model_dir, extra_files=files)
-    return model_dir
 
 
 async def ask(client, messages, new: int, tools=None) -> tuple[float, str, int]:
@@ -183,7 +171,7 @@ def main():
     args = ap.parse_args()
     log = BenchLog("prefix", [args.preset, "compile" if args.compile else ""], out=args.out)
     work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    model_dir = make_checkpoint(work, args.preset)
+    model_dir = make_checkpoint(work, args.preset, Tokenizer.from_file(apertus_tokenizer_path()))
     urls, procs = {}, []
     for k in ("on", "off"):
         port = free_port()

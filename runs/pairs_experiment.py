@@ -22,6 +22,15 @@ from apertus.train import qrpo, sft  # noqa: E402
 SYSTEM = "Solve the problem."
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PEAK = "train.peak_flops=1e12"  # MFU's reference given, not measured (a bf16 matmul benchmark is slow on a busy CPU)
+# The tiny recipe's reward (correct + format: 0, 1 or 2) ties most samples of a weak model at 0, so nothing lies below
+# the 20th percentile of the reference rewards and the Apertus rule finds no rejected completion (Apertus scored with a
+# reward model, whose scores rarely tie). `shorter` breaks ties by length, far below one unit of the rule reward.
+GRADED = f'reward.functions={{gsm8k_correct=1.0, gsm8k_format=1.0, "{Path(__file__).resolve()}:shorter"=1.0}}'
+
+
+def shorter(messages, completion: str, meta: dict) -> float:
+    """-characters / 10,000: among replies the rules score alike, the shorter is better (at most ~0.05 here)."""
+    return -len(completion) / 10_000
 
 
 def main():
@@ -32,6 +41,8 @@ def main():
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--prompts", type=int, default=96)
     ap.add_argument("--eval", type=int, default=32)
+    ap.add_argument("--reward", choices=["graded", "recipe"], default="graded",
+                    help="graded: the recipe's rules plus the length tie-break `shorter`; recipe: the rules alone")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +64,8 @@ def main():
             folder = out / f"qrpo-{rule}-seed{seed}"
             qrpo.run(RECIPES / "align_tiny.toml", folder, overrides=[
                 f"model.init_from={hf}", f"data.prompts={prompts}", f"data.eval_prompts={evals}", "sampling.eval_n=4",
-                f"sampling.seed={seed}", f"train.seed={seed}", PEAK, *extra])
+                f"sampling.seed={seed}", f"train.seed={seed}", PEAK, *extra,
+                *([GRADED] if args.reward == "graded" else [])])
             summary = json.loads((folder / "eval" / "summary.json").read_text())
             data = json.loads((folder / "align_data.json").read_text())
             runs[f"{rule}/{seed}"] = {"reference": summary["reference"]["mean_reward"],
