@@ -2,6 +2,7 @@
 QRPO-style rollouts.
 
     python bench/prefix.py [--preset tiny] [--clients 32] [--turns 10] [--rounds 1] [--new 16] [--compile]
+    python bench/prefix.py --width 768 --depth 12 --workloads chat    # a 152M model (GPT-2 small's shape)
 
 Three workloads, on and off alternating (bench/_timing.py's idea: machine noise hits both), after one short
 request to each server as a warm-up:
@@ -14,7 +15,10 @@ request to each server as a warm-up:
 Every round uses new user messages, so what is cached is what production would have cached: the system prompt and
 tool list every request shares, and the history of the chat at hand. The model is the preset with random weights
 and the real Apertus tokenizer (so token counts are the real ones), served as streaming chat through the official
-openai client (async). The log goes to bench/results/prefix-<preset>[-compile].json (bench/_log.py).
+openai client (async). --width/--depth change the preset's hidden size and layers (64-wide heads, 3 query heads per
+KV head, MLP 4x wide): at the tiny preset a request's fixed costs (HTTP, template, the 131k-wide output layer) are
+most of the time to first token; at a larger width the prompt's prefill is, as with the models people serve. The log
+goes to bench/results/prefix-<preset>[-<width>x<depth>][-compile].json (bench/_log.py).
 """
 
 import argparse
@@ -138,47 +142,60 @@ def rollouts(model_dir: Path, args) -> dict:
             "speedup": sec["off"] / sec["on"], "same_samples": statistics.mean(same)}
 
 
+WORKLOADS = ("chat", "shared", "rollouts")
+
+
 def table_rows(log: BenchLog, r: dict) -> None:
     """The README rows of a prefix result (also used to add rows to logs written before bench/_log.py)."""
     how = "`--compile`" if r["compile"] else "eager"
-    turns, chat, sh, roll = len(r["chat"]["turn_ttft_ms"]["on"]), r["chat"]["turn_ttft_ms"], r["shared"], r["rollouts"]
-    log.row(f"{turns}-turn chat, time to first token at turn {turns} (60-word messages, {r['new_tokens']}-token "
-            f"replies), {r['preset']}, {how}, prefix caching on vs off", f"{chat['on'][-1]:,.0f} ms",
-            f"same server, `--no-prefix-caching` {chat['off'][-1]:,.0f} ms", ratio(chat["off"][-1] / chat["on"][-1]))
-    on, off = sh["on"], sh["off"]
-    log.row(f"{sh['clients']} clients, default system prompt + tool list ({sh['prompt_tokens']:,} tokens): TTFT p50 "
-            f"/ p95, requests/s", f"{on['ttft_p50_ms'] / 1000:.1f} / {on['ttft_p95_ms'] / 1000:.1f} s, "
-            f"{on['requests_per_s']:.2f} req/s", f"`--no-prefix-caching` {off['ttft_p50_ms'] / 1000:.1f} / "
-            f"{off['ttft_p95_ms'] / 1000:.1f} s, {off['requests_per_s']:.2f} req/s",
-            " / ".join(ratio(x) for x in (off["ttft_p50_ms"] / on["ttft_p50_ms"],
-                                          off["ttft_p95_ms"] / on["ttft_p95_ms"],
-                                          on["requests_per_s"] / off["requests_per_s"])))
-    log.row(f"QRPO-style rollouts, n={roll['n']} samples × {len(roll['prompt_tokens'])} prompts "
-            f"(~{round(statistics.mean(roll['prompt_tokens']))} tokens), {roll['new_tokens']} new tokens",
-            f"{roll['seconds']['on']:,.1f} s", f"prefix caching off {roll['seconds']['off']:,.1f} s",
-            ratio(roll["speedup"]))
+    model = r.get("model", r["preset"])
+    if "chat" in r:
+        chat = r["chat"]["turn_ttft_ms"]
+        turns = len(chat["on"])
+        log.row(f"{turns}-turn chat, time to first token at turn {turns} (60-word messages, {r['new_tokens']}-token "
+                f"replies), {model}, {how}, prefix caching on vs off", f"{chat['on'][-1]:,.0f} ms",
+                f"same server, `--no-prefix-caching` {chat['off'][-1]:,.0f} ms",
+                ratio(chat["off"][-1] / chat["on"][-1]))
+    if "shared" in r:
+        sh = r["shared"]
+        on, off = sh["on"], sh["off"]
+        log.row(f"{sh['clients']} clients, default system prompt + tool list ({sh['prompt_tokens']:,} tokens), "
+                f"{model}: TTFT p50 / p95, requests/s",
+                f"{on['ttft_p50_ms'] / 1000:.1f} / {on['ttft_p95_ms'] / 1000:.1f} s, {on['requests_per_s']:.2f} req/s",
+                f"`--no-prefix-caching` {off['ttft_p50_ms'] / 1000:.1f} / {off['ttft_p95_ms'] / 1000:.1f} s, "
+                f"{off['requests_per_s']:.2f} req/s",
+                " / ".join(ratio(x) for x in (off["ttft_p50_ms"] / on["ttft_p50_ms"],
+                                              off["ttft_p95_ms"] / on["ttft_p95_ms"],
+                                              on["requests_per_s"] / off["requests_per_s"])))
+    if "rollouts" in r:
+        roll = r["rollouts"]
+        log.row(f"QRPO-style rollouts, n={roll['n']} samples × {len(roll['prompt_tokens'])} prompts "
+                f"(~{round(statistics.mean(roll['prompt_tokens']))} tokens), {roll['new_tokens']} new tokens, {model}",
+                f"{roll['seconds']['on']:,.1f} s", f"prefix caching off {roll['seconds']['off']:,.1f} s",
+                ratio(roll["speedup"]))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=1, help="measured rounds per workload")
-    ap.add_argument("--new", type=int, default=16, help="tokens per chat reply and per rollout")
-    ap.add_argument("--compile", action="store_true", help="servers and engines with torch.compile")
-    ap.add_argument("--out", help="results folder (default bench/results)")
-    args = ap.parse_args()
-    log = BenchLog("prefix", [args.preset, "compile" if args.compile else ""], out=args.out)
-    work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    model_dir = make_checkpoint(work, args.preset, Tokenizer.from_file(apertus_tokenizer_path()))
+def sizes(width: int | None, depth: int | None) -> dict:
+    """Config fields for --width/--depth: 64-wide heads, 3 query heads per KV head, MLP 4x wide."""
+    out = {}
+    if width:
+        heads = width // 64
+        out |= dict(hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads,
+                    num_key_value_heads=max(1, heads // 3))
+    if depth:
+        out["num_hidden_layers"] = depth
+    return out
+
+
+def serve_workloads(model_dir: Path, args) -> dict:
+    """The chat and shared workloads against two servers, prefix caching on and off, alternating."""
     urls, procs = {}, []
     for k in ("on", "off"):
         port = free_port()
         procs.append(start([sys.executable, "-m", "apertus.cli", "serve", str(model_dir), "--port", str(port),
                             "--served-model-name", "bench", "--log-level", "warning", "--max-batch", str(args.clients),
                             *(["--compile"] if args.compile else []), *(["--no-prefix-caching"] if k == "off" else [])],
-                           port, work / f"{k}.log"))
+                           port, model_dir.parent / f"{k}.log"))
         urls[k] = f"http://127.0.0.1:{port}"
     try:
         turns = {k: [] for k in urls}
@@ -187,41 +204,68 @@ def main():
             chat_round(url, 1, seed=-1, new=2)
         for r in range(args.rounds):
             for k, url in urls.items():
-                turns[k].append(chat_round(url, args.turns, seed=r, new=args.new))
-                shared[k].append(shared_round(url, args.clients, seed=100 + r))
+                if "chat" in args.workloads:
+                    turns[k].append(chat_round(url, args.turns, seed=r, new=args.new))
+                if "shared" in args.workloads:
+                    shared[k].append(shared_round(url, args.clients, seed=100 + r))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+    out = {}
+    if "chat" in args.workloads:
         chat = {k: [statistics.median(run[i] for run in v) * 1000 for i in range(args.turns)] for k, v in turns.items()}
+        out["chat"] = {"turn_ttft_ms": chat, "last_turn_speedup": chat["off"][-1] / chat["on"][-1]}
+    if "shared" in args.workloads:
         share = {k: {"ttft_p50_ms": 1000 * p([x for s in v for x in s["ttft"]], 0.5),
                      "ttft_p95_ms": 1000 * p([x for s in v for x in s["ttft"]], 0.95),
                      "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in v),
                      "requests_per_s": statistics.median(args.clients / s["seconds"] for s in v)}
                  for k, v in shared.items()}
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
-    roll = rollouts(model_dir, args)
+        out["shared"] = {"clients": args.clients, **share,
+                         "ttft_p50_speedup": share["off"]["ttft_p50_ms"] / share["on"]["ttft_p50_ms"],
+                         "throughput_speedup": share["on"]["tokens_per_s"] / share["off"]["tokens_per_s"]}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--width", type=int, help="hidden size instead of the preset's")
+    ap.add_argument("--depth", type=int, help="layers instead of the preset's")
+    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1, help="measured rounds per workload")
+    ap.add_argument("--new", type=int, default=16, help="tokens per chat reply and per rollout")
+    ap.add_argument("--compile", action="store_true", help="servers and engines with torch.compile")
+    ap.add_argument("--out", help="results folder (default bench/results)")
+    args = ap.parse_args()
+    shape = f"{args.width or ''}x{args.depth or ''}" if args.width or args.depth else ""
+    log = BenchLog("prefix", [args.preset, shape, "compile" if args.compile else ""], out=args.out)
+    work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
+    model_dir = make_checkpoint(work, args.preset, Tokenizer.from_file(apertus_tokenizer_path()),
+                                **sizes(args.width, args.depth))
+    result = serve_workloads(model_dir, args) if {"chat", "shared"} & set(args.workloads) else {}
+    if "rollouts" in args.workloads:
+        result["rollouts"] = rollouts(model_dir, args)
     engine = Engine(model_dir, cache_gb=0.01)
-    system_tools = len(encode_chat(engine.tokenizer, [{"role": "user", "content": "x"}], tools=TOOLS,
-                                   add_generation_prompt=True)[0])
-    result = {
-        "preset": args.preset, "params_m": round(engine.model.num_params() / 1e6, 1),
-        "compile": args.compile, "cpu_cores": os.cpu_count(), "rounds_measured": args.rounds,
-        "new_tokens": args.new,
-        "chat": {"turn_ttft_ms": chat, "last_turn_speedup": chat["off"][-1] / chat["on"][-1]},
-        "shared": {"clients": args.clients, "prompt_tokens": system_tools, **share,
-                   "ttft_p50_speedup": share["off"]["ttft_p50_ms"] / share["on"]["ttft_p50_ms"],
-                   "throughput_speedup": share["on"]["tokens_per_s"] / share["off"]["tokens_per_s"]},
-        "rollouts": roll,
-    }
+    if "shared" in result:
+        result["shared"]["prompt_tokens"] = len(encode_chat(engine.tokenizer, [{"role": "user", "content": "x"}],
+                                                            tools=TOOLS, add_generation_prompt=True)[0])
+    params_m = round(engine.model.num_params() / 1e6)
     engine.close()
-    print(result, flush=True)
+    result |= {"preset": args.preset, "model": f"{args.preset} ({params_m}M)" if not shape else
+               f"{args.width or args.preset}-wide {args.depth or args.preset} layers ({params_m}M)",
+               "params_m": params_m, "compile": args.compile, "cpu_cores": os.cpu_count(),
+               "rounds_measured": args.rounds, "new_tokens": args.new}
     table_rows(log, result)
-    path = log.write(result)
-    print(f"chat TTFT per turn (ms), on: {[round(x) for x in chat['on']]}\n"
-          f"                        off: {[round(x) for x in chat['off']]}\n"
-          f"turn {args.turns}: {result['chat']['last_turn_speedup']:.1f}x faster with prefix caching\n"
-          f"shared ({system_tools} prompt tokens, {args.clients} clients): on {share['on']}\n  off {share['off']}\n"
-          f"rollouts: {roll['seconds']} ({roll['speedup']:.2f}x)\nload {log.load_before} -> {os.getloadavg()}; {path}")
+    print("\n".join(f"{row['benchmark']}: {row['apertus']} vs {row['peer']} ({row['ratio']})" for row in log.rows))
+    if "chat" in result:
+        chat = result["chat"]["turn_ttft_ms"]
+        print(f"chat TTFT per turn (ms), on: {[round(x) for x in chat['on']]}\n"
+              f"                        off: {[round(x) for x in chat['off']]}")
+    log.write(result)
 
 
 if __name__ == "__main__":

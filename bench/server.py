@@ -37,10 +37,11 @@ from apertus.infer import Engine, SamplingParams
 from apertus.tokenizer import tiny_tokenizer
 
 
-def make_checkpoint(out: Path, preset_name: str, tok=None) -> Path:
-    """A random instruct checkpoint of the preset with the official chat template, and `tok` (default: an 8k BPE)."""
+def make_checkpoint(out: Path, preset_name: str, tok=None, **sizes) -> Path:
+    """A random instruct checkpoint of the preset (`sizes`: config fields to change) with the official chat template,
+    and `tok` (default: an 8k BPE)."""
     tok = tok or tiny_tokenizer(out / "tokenizer", vocab_size=8192)
-    cfg = dataclasses.replace(preset(preset_name), vocab_size=tok.vocab_size)
+    cfg = dataclasses.replace(preset(preset_name), vocab_size=tok.vocab_size, **sizes)
     model_dir = out / "model"
     tok.save(model_dir, chat_template=official_template())
     files = {f.name: f.read_text() for f in model_dir.iterdir()}

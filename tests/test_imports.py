@@ -29,7 +29,7 @@ LAYERS = [
     ["apertus.infer"],
     ["apertus.eval", "apertus.train"],
     ["apertus.speedrun", "apertus.speedrun_report"],
-    ["apertus.cli"],
+    ["apertus.cli", "apertus.cli_args"],
 ]
 
 

@@ -9,9 +9,6 @@ themselves again as N processes through `apertus.train.distributed.launch` (torc
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
-import inspect
 import json
 import os
 import sys
@@ -20,6 +17,7 @@ from pathlib import Path
 # These are light or loaded for the parser anyway (the engine's and the trainers' defaults). The modules that load
 # datatrove, lm-eval or the web server (about half a second each) are imported by their own command's handler.
 from . import chat, checkpoint, speedrun, speedrun_report, tokenizer, tokenizer_eval
+from .cli_args import add_options, csv, defaults_of, forward, picked, printed
 from .compliance import cards, manifest
 from .eval import memorization, report, suite
 from .infer import Engine, SamplingParams, repl
@@ -58,50 +56,6 @@ SAMPLING = {
     "max_tokens": dict(type=int),
     "seed": dict(type=int, help="reproducible sampling"),
 }
-
-
-def defaults_of(target) -> dict:
-    """The keyword defaults of a function or class (its signature), or of a dataclass (its fields)."""
-    if dataclasses.is_dataclass(target):
-        return {f.name: f.default for f in dataclasses.fields(target) if f.default is not dataclasses.MISSING}
-    return {k: p.default for k, p in inspect.signature(target).parameters.items() if p.default is not p.empty}
-
-
-def add_options(parser, target, options: dict, **defaults) -> None:
-    """`--name` for each option, its default taken from `target` unless given in `defaults` (a command's own)."""
-    own = defaults_of(target)
-    for name, kw in options.items():
-        default = defaults.get(name, own[name])
-        unset = default is None or default is False
-        shown = "" if unset or "default" in kw.get("help", "") else " (default %(default)s)"
-        parser.add_argument("--" + name.replace("_", "-"), default=default, **kw | {"help": kw.get("help", "") + shown})
-
-
-def forward(fn, args, **given):
-    """`fn` called with the parsed arguments named as its parameters, and `given` (which wins)."""
-    names = inspect.signature(fn).parameters
-    return fn(**{k: v for k, v in vars(args).items() if k in names} | given)
-
-
-def picked(args, *groups: dict) -> dict:
-    """The values of the options of `groups`, as keyword arguments for the callee."""
-    return {name: getattr(args, name) for group in groups for name in group}
-
-
-def printed(fn, text=None, status=None):
-    """The handler of a command that is one call: `fn` with the parsed arguments (`forward`), its result printed as
-    `text(result, ...)` (given the parsed arguments it names, too), exit status `status(result)` or 0."""
-
-    def handler(args) -> int:
-        result = forward(fn, args)
-        print(result if text is None else forward(functools.partial(text, result), args))
-        return status(result) if status else 0
-
-    return handler
-
-
-def csv(s: str | None) -> list[str] | None:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
 def run_name(model: str) -> str:
