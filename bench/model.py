@@ -15,6 +15,7 @@ from _log import BenchLog, ratio
 from _timing import interleaved
 
 from apertus import build_model, load_model, preset, save_model
+from apertus.train.recipe import fast_dtype
 
 
 def step(model, ids, hf: bool):
@@ -31,7 +32,10 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"],
+                    help="default: fp32, and bf16 where bf16 matrix products are fast (~10x slower without the units)")
     args = ap.parse_args()
+    dtypes = args.dtypes or (["fp32", "bf16"] if fast_dtype() == "bf16" else ["fp32"])
     log = BenchLog("model", [args.preset, f"{args.batch}x{args.seq}"])
     torch.manual_seed(0)
     cfg = preset(args.preset)
@@ -45,12 +49,12 @@ def main():
           f"{args.seq}, {torch.get_num_threads()} threads")
     print(f"{'dtype':6} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
     seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         ours, ref = ours32.to(dtype), ref32.to(dtype)
         t = interleaved({"ours": lambda m=ours: step(m, ids, False), "ref": lambda m=ref: step(m, ids, True)},
                         rounds=args.steps)
         a, b = t["ours"], t["ref"]
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
         seconds[name] = {"apertus": a, "transformers": b}
         print(f"{name:6} {tokens / a:14,.0f} {tokens / b:19,.0f} {b / a:5.2f}x")
         log.row(f"forward+backward, {args.preset}, {args.batch}×{args.seq}, {name}", f"{tokens / a:,.0f} tok/s",
