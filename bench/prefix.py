@@ -146,7 +146,7 @@ WORKLOADS = ("chat", "shared", "rollouts")
 
 
 def table_rows(log: BenchLog, r: dict) -> None:
-    """The README rows of a prefix result (also used to add rows to logs written before bench/_log.py)."""
+    """The README rows of a prefix result."""
     how = "`--compile`" if r["compile"] else "eager"
     model = r.get("model", r["preset"])
     if "chat" in r:

@@ -197,5 +197,6 @@ def run_all(args, model_dir: Path, targets: dict, log: BenchLog) -> None:
                "rounds": args.rounds, "compiled": not args.no_compile, "peer": None if args.no_peer else
                peer_name(args).strip("`"), "concurrency": measured})
 
+
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ SCHEMA = {"type": "array", "minItems": 1000, "items": ITEM}
 
 
 def table_rows(log: BenchLog, r: dict) -> None:
-    """The README rows of a structured result (also used to add rows to logs written before bench/_log.py)."""
+    """The README rows of a structured result."""
     how = "compiled" if r["compiled"] else "eager"
     for b in r["batches"]:
         log.row(f"JSON-Schema-constrained decoding, {r['preset']} with vocab {r['vocab_size']:,}, batch {b['batch']}, "
