@@ -38,7 +38,7 @@ ENGINE = {
     **MODEL_LOADING,
     "dtype": dict(choices=["fp32", "bf16"], help="weights (default: the checkpoint's, bf16 on GPU)"),
     "cache_gb": dict(type=float, help="memory for the KV cache (GiB)"),
-    "quantize": dict(choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)"),
+    "quantize": dict(choices=["int8", "int4"], help="weight-only int8 or int4 (CPU, faster single-stream decoding)"),
     "compile": dict(action="store_true", help=COMPILE_HELP),
 }
 SERVER_ENGINE = {
