@@ -93,9 +93,10 @@ def is_pretrained(spec: str | os.PathLike) -> bool:
 # --- reading ---------------------------------------------------------------------------------------------------------
 
 
-def _read_safetensors(file: Path, dtype: torch.dtype | None = None):
-    """Yield (name, tensor) from a .safetensors file: a view of the mapped file where the tensor is stored in `dtype`
-    or is not floating point (nothing to convert), else read directly into a fresh tensor for the caller to convert."""
+def _read_safetensors(file: Path, map_dtype: torch.dtype | None = None):
+    """Yield (name, tensor) from a .safetensors file: a view of the mapped file where the tensor is stored in
+    `map_dtype` or is not floating point (nothing to convert), else (and always without `map_dtype`) read directly
+    into a fresh tensor for the caller to convert."""
     mapped = None
     with open(file, "rb") as f:
         try:
@@ -110,7 +111,7 @@ def _read_safetensors(file: Path, dtype: torch.dtype | None = None):
                 raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
             stored = SAFETENSORS_DTYPES[info["dtype"]]
-            if stored == dtype or not stored.is_floating_point:
+            if map_dtype is not None and (stored == map_dtype or not stored.is_floating_point):
                 if base + end > size:
                     raise ValueError(f"{file}: tensor {name} is truncated")
                 try:  # the file is mapped once; its tensors keep the mapping alive
@@ -143,10 +144,10 @@ def weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors (or shards) found")
 
 
-def _tensors(files: list[Path], allow_pickle: bool, dtype: torch.dtype | None = None):
+def _tensors(files: list[Path], allow_pickle: bool, map_dtype: torch.dtype | None = None):
     for file in files:
         if file.suffix == ".safetensors":
-            yield from ((file, k, t) for k, t in _read_safetensors(file, dtype))
+            yield from ((file, k, t) for k, t in _read_safetensors(file, map_dtype))
         elif not allow_pickle:
             raise ValueError(f"{file}: pickle checkpoints can run code when loaded; convert to safetensors "
                              "or pass allow_pickle=True (loads with torch.load(weights_only=True))")
@@ -156,9 +157,12 @@ def _tensors(files: list[Path], allow_pickle: bool, dtype: torch.dtype | None = 
 
 
 def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
-               allow_pickle: bool = False) -> Apertus:
+               allow_pickle: bool = False, mmap: bool = True) -> Apertus:
     """An Apertus model from a Hugging Face checkpoint (a directory or a hub id `org/name[@revision]`), or a freshly
-    initialised preset (`tiny`, ...)."""
+    initialised preset (`tiny`, ...).
+
+    mmap=False copies every tensor instead of mapping the file: for a caller that replaces most weights right after
+    (quantization), since one kept tensor keeps the whole mapping, and so the pages it read, in the process's RSS."""
     dtype = parse_dtype(dtype)
     path = resolve_checkpoint_dir(path_or_preset, allow_preset=True)
     if not path.exists() and str(path_or_preset) in PRESETS:
@@ -170,7 +174,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = tor
         model = Apertus(cfg)
     expected = {k: v for k, v in model.state_dict().items()}
     loaded, unexpected = set(), []
-    for file, key, tensor in _tensors(weight_files(path), allow_pickle, dtype):
+    for file, key, tensor in _tensors(weight_files(path), allow_pickle, dtype if mmap else None):
         if key not in expected:
             unexpected.append(key)
             continue
