@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-INT4_GROUP_SIZE = 32  # Q4_0's block; 64 and 128 read slightly fewer bytes at a higher KL (docs/inference.md)
+INT4_GROUP_SIZE = 32  # Q4_0's block; 64 and 128 read slightly fewer bytes at a higher KL (docs/models.md)
 MODES = ("int8", "int4")
 
 
