@@ -29,7 +29,9 @@ def test_int4_linear_is_a_16_level_grid_per_group_and_matmuls_with_it():
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
         linear.weight[3, 40] = 1.5  # an outlier costs its own group only
+    before = linear.weight.detach().clone()
     layer = Int4Linear(linear, group)
+    assert torch.equal(linear.weight, before)  # quantizing works on a copy
     w = linear.weight.detach().double()
     deq = int4_dequantized(layer, k)
     assert deq.shape == (n, k)
@@ -46,6 +48,11 @@ def test_int4_linear_is_a_16_level_grid_per_group_and_matmuls_with_it():
     ref = x.to(torch.bfloat16).double() @ deq.T  # activations go through the kernel in bf16
     assert (y.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert (y.double() - x.double() @ w.T).abs().max() > 1e-3  # not simply the float weights
+    half = Int4Linear(copy.deepcopy(linear).to(torch.bfloat16), group)  # a bf16 model (the released checkpoints)
+    y16, deq16 = half(x.to(torch.bfloat16)), int4_dequantized(half, k)
+    assert y16.dtype == torch.bfloat16 and (deq16 - w).abs().max() <= 0.06  # half a step of the outlier's group
+    ref16 = x.to(torch.bfloat16).double() @ deq16.T
+    assert (y16.double() - ref16).abs().max() <= 1e-2 * ref16.abs().max()
     with pytest.raises(ValueError, match="in_features 96 is not a multiple of the group size 64"):
         Int4Linear(nn.Linear(96, 32, bias=False), 64)
 

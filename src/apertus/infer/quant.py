@@ -26,9 +26,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("int8: linear layers with bias are not supported (Apertus has none)")
-        w = linear.weight.detach().float()
+        w = linear.weight.detach().to(torch.float32, copy=True)  # a copy, worked on in place (start-up time)
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("weight", w.mul_(1 / scale[:, None]).round_().to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.out_features = linear.out_features
 
@@ -50,14 +50,14 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group_size}")
         # the kernel's packing wants a multiple of 16 output rows: zero rows are added and cut from the output
         rows = -n % 16
-        w = linear.weight.detach().float()
+        w = linear.weight.detach().to(torch.float32, copy=True)  # a copy, worked on in place (start-up time)
         w = torch.cat([w, w.new_zeros(rows, k)]) if rows else w
         groups = w.reshape(n + rows, k // group_size, group_size)
         lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-10).to(torch.bfloat16)
         zero = (lo + 8 * scale.float()).to(torch.bfloat16)
         # rounded against the bf16 scale and zero the kernel will use, so their rounding costs no extra error
-        q = torch.round((groups - zero.float()) / scale.float() + 8).clamp(0, 15).to(torch.int32)
+        q = groups.sub_(zero.float()).mul_(1 / scale.float()).add_(8).round_().clamp_(0, 15).to(torch.int32)
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n + rows, k), 1))
         # [k / group_size, out rows, 2]: the kernel's layout, scale and zero of one group side by side
         self.register_buffer("scale_and_zero", torch.cat([scale, zero], -1).transpose(0, 1).contiguous())
