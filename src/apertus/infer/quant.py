@@ -5,8 +5,8 @@ read a quarter of fp32's bytes, int4 an eighth (plus a bf16 scale and zero point
 own weight-only kernels: `_weight_int8pack_mm` (the one gpt-fast uses) and `_weight_int4pack_mm_for_cpu` (torchao's
 CPU int4 layout). Both are fast only with bf16 activations: with fp32 activations they fall back to a generic loop
 5-15x slower (measured on a 2-core AVX2 machine without bf16 matrix units), so the input is cast to bf16 and the output
-back, whatever the model's dtype. With many rows (prefill) they are slower than an fp32 GEMM (int4: 3x at 512 rows), so
-quantizing is an option for batch-1 use, not the default.
+back, whatever the model's dtype. With many rows (prefill) they are slower than an fp32 GEMM (int4: 2-3x at 512 rows;
+still ~3x faster than a bf16 GEMM without bf16 units), so quantizing is an option for batch-1 use, not the default.
 
 int4 is asymmetric per group of `group_size` input features along each output row: 16 levels evenly spaced from the
 group's minimum to its maximum (w ~ (q - 8) * scale + zero, with q in 0..15, as the kernel computes it).
