@@ -140,6 +140,7 @@ def _llama_cpp_quantize(hf_dir: Path, out_file: Path, dtype: str, quant: str) ->
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".quantize-") as work:
         src = export_gguf(hf_dir, Path(work) / out_file.name, dtype)
+        llama_cpp.llama_backend_init()  # as the llama-quantize tool does first (idempotent)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
         try:
