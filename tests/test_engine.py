@@ -414,6 +414,13 @@ def test_generate_command_stop_strings_and_errors(text_models, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_command_quantized(text_models, capsys, mode):
+    base = str(text_models[2]["base"])
+    assert main(["generate", base, "--prompt", "", "--temperature", "0", "--max-tokens", "50", "--quantize", mode]) == 0
+    assert capsys.readouterr().out == TEXT + "<|assistant_end|>\n"
+
+
 def test_chat_command(text_models):
     out, _ = run_cli("chat", text_models[2]["instruct"], "--temperature", "0",
                      stdin="Grüezi\n/think on\nNo chli meh\n/reset\n/system Du bisch en Bärner.\nHoi\n/quit\n")

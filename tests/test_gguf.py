@@ -337,3 +337,96 @@ def test_same_file_as_llama_cpp_converter(ckpt, reader, tmp_path):
     for t in ref.tensors:
         assert t.tensor_type == ours[t.name].tensor_type
         np.testing.assert_array_equal(t.data, ours[t.name].data)
+
+
+def q8_0_block_bound(value: torch.Tensor) -> torch.Tensor:
+    """Q8_0's worst error per weight: blocks of 32 along a row share one f16 scale d = max|block| / 127 and round to
+    the nearest multiple of it (half a step), plus the scale's own f16 rounding times up to 127 steps."""
+    amax = value.abs().reshape(value.shape[0], -1, 32).amax(-1, keepdim=True)
+    d = amax / 127
+    return (d * (0.5 + 127 * 2**-11) * 1.01).expand(-1, -1, 32).reshape(value.shape)
+
+
+def test_q8_0_export_dequantizes_to_the_checkpoint(small_ckpt, tmp_path):
+    """`apertus export --format gguf --quant q8_0`: matrices Q8_0 (gguf-py's quantizer), within Q8_0's block error of
+    the checkpoint once dequantized by gguf-py; norms exact in F32; rows not a multiple of 32 long fall back to F16."""
+    from apertus.cli import main
+
+    path, tok = small_ckpt
+    out = tmp_path / "m-q8_0.gguf"
+    assert main(["export", str(path), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    assert fields(reader)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0) == 7
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.APERTUS, N_LAYERS)
+    tensors = {t.name: t for t in reader.tensors}
+    matrices = 0
+    for key, value in load_file(path / "model.safetensors").items():
+        if ".act_fn." in key:
+            continue
+        t = tensors[names.get_name(key, try_suffixes=(".weight",))]
+        if value.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(t.data, value.numpy())
+            continue
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert back.shape == value.shape
+        err = (back - value).abs()
+        assert (err <= q8_0_block_bound(value)).all(), key
+        assert err.max() > 0  # quantized, not copied
+        matrices += 1
+    assert matrices == 2 + 6 * N_LAYERS  # embeddings, output; q, k, v, o, up, down per layer
+
+    odd = tmp_path / "odd"  # MLP 80 wide: the down projection's rows are 80 long
+    cfg = ApertusConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=80, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    save_model(build_model(cfg), odd, extra_files={"tokenizer.json": tok.to_str()})
+    odd_file = export_gguf(odd, tmp_path / "o.gguf", quant="q8_0")
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(odd_file).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
+    assert kinds["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_k_quants_go_through_llama_cpp_or_say_how_to_get_it(small_ckpt, tmp_path):
+    path, _ = small_ckpt
+    with pytest.raises(ValueError, match="not supported; use one of q8_0, q4_0"):
+        export_gguf(path, tmp_path / "x.gguf", quant="q3")
+    from apertus.train.checkpointing import export
+
+    with pytest.raises(ValueError, match="--quant is for --format gguf"):
+        export(path, tmp_path / "x", fmt="hf", quant="q8_0")
+    out = tmp_path / "m-q4_k_m.gguf"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"needs llama.cpp's quantizer: pip install 'apertus\[llama\]'"):
+            export_gguf(path, out, quant="q4_k_m")
+        assert os.listdir(tmp_path) == []
+        return
+    export_gguf(path, out, quant="q4_k_m")
+    reader = gguf.GGUFReader(out)
+    assert fields(reader)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert os.listdir(tmp_path) == [out.name]  # the intermediate GGUF is gone
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.APERTUS, N_LAYERS)
+    tensors = {t.name: t for t in reader.tensors}
+    for key, value in load_file(path / "model.safetensors").items():
+        if value.dim() == 2:  # whatever type llama.cpp chose for each matrix, it dequantizes near the weights
+            t = tensors[names.get_name(key, try_suffixes=(".weight",))]
+            back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            assert (back - value).norm() <= 0.2 * value.norm(), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_SRC"), reason="set LLAMA_CPP_SRC to a llama.cpp checkout (b6671+)")
+def test_same_q8_0_file_as_llama_cpp_converter(small_ckpt, tmp_path):
+    """Opt-in: llama.cpp's converter with --outtype q8_0 writes the same tensor types and bytes as --quant q8_0."""
+    src, path = os.environ["LLAMA_CPP_SRC"], small_ckpt[0]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([f"{src}/gguf-py", os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, f"{src}/convert_hf_to_gguf.py", str(path), "--outfile", str(tmp_path / "ref.gguf"),
+                    "--outtype", "q8_0"], check=True, env=env, capture_output=True)
+    ref = gguf.GGUFReader(tmp_path / "ref.gguf")
+    ours = {t.name: t for t in gguf.GGUFReader(export_gguf(path, tmp_path / "m.gguf", quant="q8_0")).tensors}
+    assert fields(ref)["general.file_type"] == 7 and sorted(ours) == sorted(t.name for t in ref.tensors)
+    for t in ref.tensors:
+        assert t.tensor_type == ours[t.name].tensor_type
+        np.testing.assert_array_equal(t.data, ours[t.name].data)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from apertus import ApertusConfig, build_model, load_model, preset, save_model
 from apertus.model import document_mask, packed_position_ids, single_query_attention
@@ -240,3 +240,51 @@ def test_single_query_attention_equals_sdpa_with_gqa_and_masks(dtype, tol):
         out = single_query_attention(q, k, v, mask)
         assert out.shape == (B, 1, H * D)
         assert (out.float() - ref.transpose(1, 2).reshape(B, 1, H * D).float()).abs().max() <= tol
+
+
+MMAP_CHILD = """
+import json, sys, torch, apertus
+def status():  # kB: anonymous (private copies) and file-backed (mapped files, shared with the page cache) resident
+    return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":") for line in open("/proc/self/status"))
+            if k in ("RssAnon", "RssFile", "VmRSS", "VmHWM")}
+apertus.load_model(sys.argv[1], dtype=torch.bfloat16)  # first use: library code paged in is not the weights
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = status()
+model = apertus.load_model(sys.argv[2], dtype=torch.bfloat16)
+after = status()
+copy = apertus.load_model(sys.argv[2], dtype=torch.bfloat16, mmap=False)  # the control: a copy is anonymous memory
+print(json.dumps({"anon": after["RssAnon"] - before["RssAnon"], "peak": after["VmHWM"] - before["VmRSS"],
+                  "copy_anon": status()["RssAnon"] - after["RssAnon"]}))
+"""
+
+
+def test_same_dtype_load_maps_the_file(tmp_path):
+    """Weights stored in the dtype asked for are the memory-mapped file, not a copy: loading a ~40 MB bf16 checkpoint
+    (in shards) in a fresh process adds almost no anonymous memory (a copy would add the file's size), its peak RSS
+    grows by about the file's size (mmap=False: a copy, as quantizing callers ask), and writing to the loaded weights
+    leaves the file as it was (copy-on-write)."""
+    cfg = ApertusConfig(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=2)
+    save_model(build_model(cfg, dtype=torch.bfloat16), tmp_path / "big", max_shard_bytes=24 * 2**20)
+    small = ApertusConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+    save_model(build_model(small, dtype=torch.bfloat16), tmp_path / "small")
+    files = sorted((tmp_path / "big").glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    assert len(files) >= 2 and size > 35e6
+    out = subprocess.run([sys.executable, "-c", MMAP_CHILD, str(tmp_path / "small"), str(tmp_path / "big")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grew = json.loads(out.stdout)
+    assert grew["anon"] <= 0.2 * size <= 0.8 * size <= grew["copy_anon"], (grew, size)
+    assert grew["peak"] <= 1.3 * size, (grew, size)
+
+    model = load_model(tmp_path / "big", dtype=torch.bfloat16)
+    stored = {k: v for f in files for k, v in load_file(f).items()}
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert not torch.equal(model.lm_head.weight, stored["lm_head.weight"])
+    assert all(torch.equal(v, stored[k]) for f in files for k, v in load_file(f).items())
+    fp32 = load_model(tmp_path / "big", dtype=torch.float32)  # converted: a fresh copy, as before
+    assert torch.equal(fp32.lm_head.weight, stored["lm_head.weight"].float())

@@ -197,6 +197,12 @@ def test_export_command_writes_gguf_that_gguf_py_reads(tmp_path, capsys):
     assert str(default) in capsys.readouterr().out
     types = {t.tensor_type for t in gguf.GGUFReader(default).tensors}
     assert types == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}  # matrices bf16, norms f32
+    assert cli(["export", str(run), "--format", "gguf", "--quant", "q8_0"]) == 0
+    q8 = run / "export" / "my-run-step_00000003-q8_0.gguf"
+    assert f"wrote {q8} (GGUF for llama.cpp, q8_0)" in capsys.readouterr().out
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(q8).tensors}
+    assert types["blk.0.ffn_up.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # rows 48 long do not fill 32-blocks
     assert not [p for p in (run / "export").iterdir() if p.name.startswith(".")]  # the temporary HF folder is gone
 
 

@@ -1,7 +1,10 @@
 """Hugging Face checkpoint directories: config.json + model.safetensors (or shards + index) + generation_config.json.
 
-Loading is memory-frugal: the model is built on the meta device and each tensor is read straight from the file into
-its final storage (no mmap of a whole shard, no second copy), so a bf16 checkpoint loads in about its own size of RAM.
+Loading is memory-frugal: the model is built on the meta device, and a tensor stored in the dtype asked for becomes a
+parameter as a view of the memory-mapped file (safetensors' own mmap, copy-on-write), so its memory is the page cache's
+and no copy is made: loading reads nothing up front, and a second start finds the weights already in memory. A tensor
+to be converted is read straight from the file into fresh memory and converted one at a time, so that the mapping never
+holds a second copy beside the converted one.
 Pickle files are refused unless asked for, and then only with `torch.load(weights_only=True)`.
 """
 
@@ -15,6 +18,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, ApertusConfig, load_config, preset
@@ -89,21 +93,35 @@ def is_pretrained(spec: str | os.PathLike) -> bool:
 # --- reading ---------------------------------------------------------------------------------------------------------
 
 
-def _read_safetensors(file: Path):
-    """Yield (name, tensor) from a .safetensors file, each read directly into a fresh tensor."""
+def _read_safetensors(file: Path, map_dtype: torch.dtype | None = None):
+    """Yield (name, tensor) from a .safetensors file: a view of the mapped file where the tensor is stored in
+    `map_dtype` or is not floating point (nothing to convert), else (and always without `map_dtype`) read directly
+    into a fresh tensor for the caller to convert."""
+    mapped = None
     with open(file, "rb") as f:
         try:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: not a safetensors file ({e})") from None
-        base = 8 + n
+        base, size = 8 + n, os.fstat(f.fileno()).st_size
         header.pop("__metadata__", None)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            if map_dtype is not None and (stored == map_dtype or not stored.is_floating_point):
+                if base + end > size:
+                    raise ValueError(f"{file}: tensor {name} is truncated")
+                try:  # the file is mapped once; its tensors keep the mapping alive
+                    mapped = mapped or safe_open(file, framework="pt")
+                    t = mapped.get_tensor(name)
+                except SafetensorError as e:
+                    raise ValueError(f"{file}: not a safetensors file ({e})") from None
+                yield name, t
+                continue
+            t = torch.empty(info["shape"], dtype=stored)
             buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
             f.seek(base + start)
             if f.readinto(buf) != end - start or len(buf) != end - start:
@@ -126,10 +144,10 @@ def weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors (or shards) found")
 
 
-def _tensors(files: list[Path], allow_pickle: bool):
+def _tensors(files: list[Path], allow_pickle: bool, map_dtype: torch.dtype | None = None):
     for file in files:
         if file.suffix == ".safetensors":
-            yield from ((file, k, t) for k, t in _read_safetensors(file))
+            yield from ((file, k, t) for k, t in _read_safetensors(file, map_dtype))
         elif not allow_pickle:
             raise ValueError(f"{file}: pickle checkpoints can run code when loaded; convert to safetensors "
                              "or pass allow_pickle=True (loads with torch.load(weights_only=True))")
@@ -139,9 +157,12 @@ def _tensors(files: list[Path], allow_pickle: bool):
 
 
 def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
-               allow_pickle: bool = False) -> Apertus:
+               allow_pickle: bool = False, mmap: bool = True) -> Apertus:
     """An Apertus model from a Hugging Face checkpoint (a directory or a hub id `org/name[@revision]`), or a freshly
-    initialised preset (`tiny`, ...)."""
+    initialised preset (`tiny`, ...).
+
+    mmap=False copies every tensor instead of mapping the file: for a caller that replaces most weights right after
+    (quantization), since one kept tensor keeps the whole mapping, and so the pages it read, in the process's RSS."""
     dtype = parse_dtype(dtype)
     path = resolve_checkpoint_dir(path_or_preset, allow_preset=True)
     if not path.exists() and str(path_or_preset) in PRESETS:
@@ -153,7 +174,7 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = tor
         model = Apertus(cfg)
     expected = {k: v for k, v in model.state_dict().items()}
     loaded, unexpected = set(), []
-    for file, key, tensor in _tensors(weight_files(path), allow_pickle):
+    for file, key, tensor in _tensors(weight_files(path), allow_pickle, dtype if mmap else None):
         if key not in expected:
             unexpected.append(key)
             continue

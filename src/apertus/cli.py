@@ -38,7 +38,7 @@ ENGINE = {
     **MODEL_LOADING,
     "dtype": dict(choices=["fp32", "bf16"], help="weights (default: the checkpoint's, bf16 on GPU)"),
     "cache_gb": dict(type=float, help="memory for the KV cache (GiB)"),
-    "quantize": dict(choices=["int8"], help="weight-only int8 (CPU, faster single-stream decoding)"),
+    "quantize": dict(choices=["int8", "int4"], help="weight-only int8 or int4 (CPU, faster single-stream decoding)"),
     "compile": dict(action="store_true", help=COMPILE_HELP),
 }
 SERVER_ENGINE = {
@@ -191,6 +191,8 @@ def add_train_commands(sub) -> None:
     s.add_argument("--out", help="output directory (hf) or .gguf file (default: RUN/export/..., or NAME-DTYPE[.gguf] "
                    "here for a Hugging Face checkpoint)")
     s.add_argument("--dtype", choices=["bf16", "fp32", "f16"], default="bf16", help="weights (f16: gguf only)")
+    s.add_argument("--quant", help="gguf only: quantized matrices, q8_0 (here), or through llama.cpp's quantizer "
+                   "(pip install llama-cpp-python) q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k")
     s.add_argument("--tokenizer", help="tokenizer.json to include (default: the run's tokenizer/)")
     s.set_defaults(func=printed(checkpointing.export))
 

@@ -35,26 +35,42 @@ FILE_TYPES = {"f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32)
 TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
                 r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
                 r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# --quant: q8_0 is quantized here by gguf-py (as llama.cpp's converter does with --outtype q8_0); the others are
+# llama.cpp's own quantizer (llama-cpp-python), which picks each tensor's type (K-quant mixtures: Q6_K output, ...).
+GGUF_QUANTS = ("q8_0",)
+LLAMA_CPP_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
+                    "q5_k_m", "q6_k")
+QUANTS = GGUF_QUANTS + LLAMA_CPP_QUANTS
 XIELU_KEYS = {"alpha_p": gguf.Keys.xIELU.ALPHA_P, "alpha_n": gguf.Keys.xIELU.ALPHA_N,
               "beta": gguf.Keys.xIELU.BETA, "eps": gguf.Keys.xIELU.EPS}
 
 
-def export_gguf(hf_dir: str | os.PathLike, out_file: str | os.PathLike, dtype: str = "f32") -> Path:
+def export_gguf(hf_dir: str | os.PathLike, out_file: str | os.PathLike, dtype: str = "f32",
+                quant: str | None = None) -> Path:
     """Write the HF Apertus checkpoint `hf_dir` (with its tokenizer.json) as one GGUF file; returns its path.
 
     `dtype` is the type of the weight matrices: "f32" (exact), "bf16" (exact for bf16 checkpoints) or "f16".
+    `quant` quantizes them instead: "q8_0" here (rows whose length is not a multiple of 32 stay F16, as in llama.cpp's
+    converter); "q4_k_m" and the other LLAMA_CPP_QUANTS through llama.cpp's quantizer (llama-cpp-python), from a
+    temporary `dtype` GGUF.
     The file is written to a temporary sibling and renamed into place, so an existing `out_file` survives a failure.
     """
     if dtype not in FILE_TYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(FILE_TYPES)}")
+    if quant is not None and quant not in QUANTS:
+        raise ValueError(f"GGUF quantization {quant!r} is not supported; use one of {', '.join(QUANTS)}")
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if out_file.is_dir():
         raise ValueError(f"{out_file}: is a directory; give the .gguf file to write")
+    if quant in LLAMA_CPP_QUANTS:
+        return _llama_cpp_quantize(hf_dir, out_file, dtype, quant)
     cfg = load_config(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no tokenizer.json (llama.cpp needs the vocabulary inside the GGUF)")
     tokens, toktypes = _vocab(hf_dir / "tokenizer.json", cfg.vocab_size)
     file_type, matrix_type = FILE_TYPES[dtype]
+    if quant == "q8_0":
+        file_type, matrix_type = gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0
     # bf16 checkpoints exported as bf16 load as bf16 (half the memory, same bits); everything else goes through fp32.
     stored = json.loads((hf_dir / "config.json").read_text())
     stored = stored.get("torch_dtype", stored.get("dtype"))
@@ -64,9 +80,8 @@ def export_gguf(hf_dir: str | os.PathLike, out_file: str | os.PathLike, dtype: s
     tensors = _tensors(model, cfg, w)
     for name, t in tensors:
         qtype = _tensor_type(name, t, matrix_type)
-        itemsize = 4 if qtype == gguf.GGMLQuantizationType.F32 else 2
-        w.add_tensor_info(name, tuple(t.shape), np.dtype(np.float32 if itemsize == 4 else np.float16),
-                          t.numel() * itemsize, raw_dtype=qtype)
+        nbytes = math.prod(gguf.quant_shape_to_byte_shape(tuple(t.shape), qtype))
+        w.add_tensor_info(name, tuple(t.shape), np.dtype(np.float32), nbytes, raw_dtype=qtype)
 
     w.add_type(gguf.GGUFType.MODEL)
     total, shared, expert, n_expert = w.get_total_parameter_count()
@@ -103,7 +118,38 @@ def _tensor_type(name: str, t: torch.Tensor, matrix_type: gguf.GGMLQuantizationT
     # As the converter: 1-D tensors, norms and non-weights (biases) stay F32; llama.cpp kernels expect that.
     if t.dim() <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return gguf.GGMLQuantizationType.F32
+    block, _ = gguf.GGML_QUANT_SIZES[matrix_type]
+    if t.shape[-1] % block:  # rows that do not fill whole blocks: F16, as the converter falls back
+        return gguf.GGMLQuantizationType.F16
     return matrix_type
+
+
+def _llama_cpp_quantize(hf_dir: Path, out_file: Path, dtype: str, quant: str) -> Path:
+    """A `dtype` GGUF written to a temporary file, then quantized by llama.cpp (`llama_model_quantize`, what the
+    `llama-quantize` tool runs) into a temporary sibling of `out_file`, renamed into place."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ValueError(f"GGUF quantization {quant} needs llama.cpp's quantizer: pip install 'apertus[llama]' (or "
+                         "pip install llama-cpp-python; it compiles llama.cpp, ~10 minutes), or use --quant q8_0, "
+                         "which needs nothing more") from None
+    import ctypes
+    import tempfile
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".quantize-") as work:
+        src = export_gguf(hf_dir, Path(work) / out_file.name, dtype)
+        llama_cpp.llama_backend_init()  # as the llama-quantize tool does first (idempotent)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+        try:
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+                raise ValueError(f"llama.cpp could not quantize {src.name} to {quant} (its log above says why)")
+            os.replace(tmp, out_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out_file
 
 
 def _tensors(model, cfg: ApertusConfig, w: gguf.GGUFWriter) -> list[tuple[str, torch.Tensor]]:

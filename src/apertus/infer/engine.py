@@ -130,7 +130,8 @@ class Engine:
     dtype None: bf16 on GPU, else the checkpoint's own (fp32 or bf16). cache_gb: memory for keys and values.
     prefix_caching: reuse the cached pages of prompts that start alike (see above); the same outputs, up to the float
     rounding that batching gives too.
-    quantize="int8": weight-only int8 linears (CPU; faster single-stream decoding, slower for large batches).
+    quantize="int8" | "int4": weight-only int8 (per output channel) or int4 (groups of 32 inputs) linears (CPU; faster
+    single-stream decoding, slower prefill and large batches; see infer/quant.py).
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
     default.
     compile=True: every step runs through torch.compile (a few graphs, compiled at start: 20-45 s for the tiny model
@@ -155,13 +156,13 @@ class Engine:
             if dtype is None:
                 dtype = torch.bfloat16 if device.type == "cuda" or (
                     model_dir and _checkpoint_dtype(model_dir) == torch.bfloat16) else torch.float32
-            model = load_model(model_or_path, dtype=dtype, device=device)
+            model = load_model(model_or_path, dtype=dtype, device=device, mmap=quantize is None)
         if quantize is not None:
-            from .quant import quantize_int8
+            from .quant import MODES, quantize_weights
 
-            if quantize != "int8" or device.type != "cpu":
-                raise ValueError(f"engine: quantize={quantize!r} is not supported (int8 on CPU only)")
-            quantize_int8(model)
+            if quantize not in MODES or device.type != "cpu":
+                raise ValueError(f"engine: quantize={quantize!r} is not supported ({' or '.join(MODES)} on CPU only)")
+            quantize_weights(model, quantize)
         self.model, self.config, self.device = model.eval(), model.config, device
         self.output_filter = output_filter  # () -> object with feed(text) / flush(), e.g. compliance.PIIFilter
         self.tokenizer = _load_tokenizer(tokenizer, model_dir)

@@ -186,17 +186,17 @@ def _tokenizer_files(ckpt: Path, tokenizer: str | os.PathLike | None) -> dict[st
 
 
 def export_pretrained(spec: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "hf",
-                      dtype: str = "bf16") -> Path:
+                      dtype: str = "bf16", quant: str | None = None) -> Path:
     """Convert a Hugging Face checkpoint (a directory or a hub id) to another dtype (`fmt` "hf", tokenizer files,
-    chat template and generation config carried over) or to one GGUF file for llama.cpp (`fmt` "gguf").
-    `out` defaults to NAME-DTYPE (or NAME-DTYPE.gguf) in the working directory."""
+    chat template and generation config carried over) or to one GGUF file for llama.cpp (`fmt` "gguf", its matrices
+    quantized with `quant`, see export_gguf). `out` defaults to NAME-DTYPE (or NAME-DTYPE|QUANT.gguf) here."""
     src = resolve_checkpoint_dir(spec)
     name = Path(spec).resolve().name if Path(spec).exists() else Path(str(spec).partition("@")[0]).name  # a hub id
     if fmt == "gguf":
         from ..export_gguf import export_gguf
 
         gguf_dtype = {"bf16": "bf16", "fp32": "f32", "f16": "f16"}[dtype]
-        return export_gguf(src, Path(out or f"{name}-{dtype}.gguf"), gguf_dtype)
+        return export_gguf(src, Path(out or f"{name}-{quant or dtype}.gguf"), gguf_dtype, quant)
     if fmt != "hf":
         raise ValueError(f"unknown export format {fmt!r}; use hf or gguf")
     keep = set(HUB_FILES) - {"config.json", "model.safetensors.index.json"}  # save_model writes those
@@ -230,9 +230,10 @@ GGUF_DTYPES = {"fp32": "f32", "bf16": "bf16", "f16": "f16"}
 
 
 def export_checkpoint_gguf(ckpt: str | os.PathLike, out_file: str | os.PathLike, dtype: str = "bf16",
-                           tokenizer: str | os.PathLike | None = None) -> Path:
+                           tokenizer: str | os.PathLike | None = None, quant: str | None = None) -> Path:
     """Write a training checkpoint as one GGUF file for llama.cpp (apertus.export_gguf), by way of a temporary
-    Hugging Face directory next to `out_file` (bf16 stays bf16 bit for bit; fp32 and f16 go through fp32)."""
+    Hugging Face directory next to `out_file` (bf16 stays bf16 bit for bit; fp32 and f16 go through fp32; `quant`
+    quantizes the matrices from there)."""
     import tempfile
 
     from ..export_gguf import export_gguf
@@ -247,18 +248,24 @@ def export_checkpoint_gguf(ckpt: str | os.PathLike, out_file: str | os.PathLike,
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".export-") as tmp:
         hf = Path(tmp) / out_file.stem  # the directory name becomes the GGUF's general.name
         export_checkpoint(ckpt, hf, dtype="bf16" if dtype == "bf16" else "fp32", tokenizer=tokenizer)
-        return export_gguf(hf, out_file, GGUF_DTYPES[dtype])
+        return export_gguf(hf, out_file, GGUF_DTYPES[dtype], quant)
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "hf", dtype: str = "bf16",
-           tokenizer: str | os.PathLike | None = None) -> str:
+           tokenizer: str | os.PathLike | None = None, quant: str | None = None) -> str:
     """`apertus export`: a training checkpoint (or run folder), or a Hugging Face checkpoint directory or hub id, as
-    a Hugging Face checkpoint (fmt "hf") or one GGUF file ("gguf"); returns a line saying what was written."""
+    a Hugging Face checkpoint (fmt "hf") or one GGUF file ("gguf", its matrices quantized with `quant`: q8_0,
+    q4_k_m, ...); returns a line saying what was written."""
     if fmt == "hf" and dtype == "f16":
         raise ValueError("--dtype f16 is for --format gguf; a Hugging Face export is bf16 or fp32")
+    if fmt == "hf" and quant:
+        raise ValueError("--quant is for --format gguf; a Hugging Face export is bf16 or fp32")
     kind = "GGUF for llama.cpp" if fmt == "gguf" else "Hugging Face Apertus checkpoint"
+    what = f"{kind}, {quant or dtype}"
     if is_pretrained(checkpoint) and not is_training_checkpoint(checkpoint):
-        return f"wrote {export_pretrained(checkpoint, out, fmt=fmt, dtype=dtype)} ({kind}, {dtype})"
-    out = out or default_export_path(checkpoint, fmt, dtype)
-    write = export_checkpoint_gguf if fmt == "gguf" else export_checkpoint
-    return f"wrote {write(checkpoint, out, dtype=dtype, tokenizer=tokenizer)} ({kind}, {dtype})"
+        extra = {"quant": quant} if quant else {}
+        return f"wrote {export_pretrained(checkpoint, out, fmt=fmt, dtype=dtype, **extra)} ({what})"
+    out = out or default_export_path(checkpoint, fmt, quant or dtype)
+    if fmt == "gguf":
+        return f"wrote {export_checkpoint_gguf(checkpoint, out, dtype, tokenizer, quant)} ({what})"
+    return f"wrote {export_checkpoint(checkpoint, out, dtype=dtype, tokenizer=tokenizer)} ({what})"
