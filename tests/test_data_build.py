@@ -170,6 +170,10 @@ def test_recipe_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="unknown source"):
         load_recipe(r)
     r = recipe(corpus, tmp_path)
+    r["stages"][0]["languages"] = "deu_Latn"
+    with pytest.raises(ValueError, match="languages must be a non-empty list"):
+        load_recipe(r)
+    r = recipe(corpus, tmp_path)
     r["steps"]["typo"] = {}
     with pytest.raises(ValueError, match="typo"):
         load_recipe(r)

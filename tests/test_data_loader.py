@@ -126,3 +126,26 @@ def test_val_split_held_out(ds):
     assert docs and all(d["tokens"][0] == 1 and d["tokens"][-1] == 2 and d["n_bytes"] > 0 for d in docs)
     b = next(PackedLoader(ds, 16, 2, split="val", stage="s1"))
     assert b["input_ids"].shape == (2, 16)
+
+
+def test_stage_languages_keep_only_those_documents(ds, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "ds"
+    shutil.copytree(ds, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["stages"] = [{"name": "de", "sources": {"a": 1.0, "b": 1.0}, "tokens": None, "languages": ["deu_Latn"]}]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    loader = PackedLoader(d, 64, 4)
+    assert loader.sources == ["a"]  # b is English only: nothing of it is left in the stage
+    german = [x for x in read_index(d).to_pylist() if x["split"] == "train" and x["language"] == "deu_Latn"]
+    shard, offset, n_tokens, total = loader.docs["a"]
+    assert total == sum(x["n_tokens"] for x in german) < sum(
+        x["n_tokens"] for x in read_index(d).to_pylist() if x["split"] == "train" and x["source"] == "a")
+    assert sorted(offset.tolist()) == sorted(x["offset"] for x in german)
+    take(loader, 3)
+    manifest["stages"][0]["languages"] = ["fra_Latn"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no train documents"):
+        PackedLoader(d, 64, 4)

@@ -155,11 +155,12 @@ def data_card(t: Trace, dataset: Path) -> str:
         cells = [t.num(mp, "funnel", "by_language", lang, e, "items" if e.startswith("pii:") else "docs")
                  if e in ev else "0" for e in events]
         out.append(f"| {lang} | " + " | ".join(cells) + " |")
-    out += ["", "## Curriculum", "", "| stage | token budget | sources (weights) |", "|---|---:|---|"]
+    out += ["", "## Curriculum", "", "| stage | token budget | sources (weights) | languages |", "|---|---:|---|---|"]
     for i, st in enumerate(man["stages"]):
         weights = ", ".join(f"{k} {t.num(mp, 'stages', i, 'sources', k, fmt='{:g}')}" for k in st["sources"])
         budget = t.num(mp, "stages", i, "tokens") if st.get("tokens") else "rest of the run"
-        out.append(f"| {st['name']} | {budget} | {weights} |")
+        langs = ", ".join(st["languages"]) if st.get("languages") else "all"
+        out.append(f"| {st['name']} | {budget} | {weights} | {langs} |")
     out += ["", "## Opt-out and removals", ""]
     if any(e.startswith("optout:") for evs in funnel.values() for e in evs):
         for src, evs in funnel.items():

@@ -272,7 +272,8 @@ def _write_report(d: Path, report: dict, stamp: str) -> Path:
 def _stages_of(manifest: dict, doc: dict) -> list[str]:
     if doc["split"] != "train":
         return []
-    return [s["name"] for s in manifest["stages"] if doc["source"] in s["sources"]]
+    return [s["name"] for s in manifest["stages"] if doc["source"] in s["sources"]
+            and (not s.get("languages") or doc.get("language") in s["languages"])]
 
 
 def _find_tokens(d: Path, manifest: dict, ids: list[int]) -> list[tuple[str, int]]:

@@ -44,9 +44,10 @@ class PackedLoader:
         self._load_docs()
         self.stages = []
         for st in self.manifest["stages"]:
-            weights = {s: float(w) for s, w in st["sources"].items() if s in self.docs}
+            docs = self._stage_docs(st.get("languages"))
+            weights = {s: float(w) for s, w in st["sources"].items() if s in docs}
             if weights:
-                self.stages.append({"name": st["name"], "weights": weights, "tokens": st.get("tokens")})
+                self.stages.append({"name": st["name"], "weights": weights, "tokens": st.get("tokens"), "docs": docs})
         if not self.stages:
             raise ValueError(f"{self.dir}: no {split} documents for any stage")
         names = [s["name"] for s in self.stages]
@@ -62,19 +63,27 @@ class PackedLoader:
 
         dtype = np.dtype(self.manifest["dtype"])
         table = pq.read_table(self.dir / self.manifest["index"], columns=["source", "split", "shard", "offset",
-                                                                          "n_tokens"])
+                                                                          "n_tokens", "language"])
         table = table.filter(pc.equal(table["split"], self.split))
         self.shard_names = sorted(set(table["shard"].to_pylist()))
         self.shards = [np.memmap(self.dir / s, dtype=dtype, mode="r") for s in self.shard_names]
         shard_id = {s: i for i, s in enumerate(self.shard_names)}
-        self.docs = {}
-        sources = np.asarray(table["source"].to_pylist(), dtype=object)
-        shard = np.asarray([shard_id[s] for s in table["shard"].to_pylist()], dtype=np.int64)
-        offset, ntok = table["offset"].to_numpy(), table["n_tokens"].to_numpy()
-        for s in sorted(set(sources)):
-            m = sources == s
-            self.docs[s] = (shard[m], offset[m].astype(np.int64), ntok[m].astype(np.int64), int(ntok[m].sum()))
+        self._sources = np.asarray(table["source"].to_pylist(), dtype=object)
+        self._languages = np.asarray(table["language"].to_pylist(), dtype=object)
+        self._shard = np.asarray([shard_id[s] for s in table["shard"].to_pylist()], dtype=np.int64)
+        self._offset = table["offset"].to_numpy().astype(np.int64)
+        self._ntok = table["n_tokens"].to_numpy().astype(np.int64)
         self._epochs = {}
+
+    def _stage_docs(self, languages=None) -> dict:
+        """Per source: (shard, offset, n_tokens, total tokens) of its documents, only those in `languages` if the
+        stage names some (a curriculum that spends a stage on a few languages of a multilingual dataset)."""
+        keep = np.isin(self._languages, list(languages)) if languages else np.ones(len(self._sources), bool)
+        docs = {}
+        for s in sorted(set(self._sources[keep])):
+            m = keep & (self._sources == s)
+            docs[s] = (self._shard[m], self._offset[m], self._ntok[m], int(self._ntok[m].sum()))
+        return docs
 
     def _epoch(self, source: str, epoch: int):
         key = (self.stage_index, source, epoch)
@@ -107,6 +116,7 @@ class PackedLoader:
     def _enter(self, stage_index: int, row: int = 0, counts=None):
         self.stage_index = stage_index
         st = self.stages[stage_index]
+        self.docs = st["docs"]
         self.sources = sorted(st["weights"])
         w = np.array([st["weights"][s] for s in self.sources])
         self.weights = w / w.sum()

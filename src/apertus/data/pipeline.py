@@ -115,6 +115,11 @@ def load_recipe(recipe: str | Path | dict) -> dict:
             raise ValueError(f"{path}: stage {st['name']}: unknown source(s) {', '.join(sorted(bad))}")
         if any(w <= 0 for w in st["sources"].values()):
             raise ValueError(f"{path}: stage {st['name']}: weights must be positive")
+        langs = st.get("languages")
+        if langs is not None and (not isinstance(langs, list) or not langs or
+                                  not all(isinstance(x, str) for x in langs)):
+            raise ValueError(f"{path}: stage {st['name']}: languages must be a non-empty list of language codes "
+                             f"(e.g. [\"deu_Latn\", \"code\"]), not {langs!r}")
         if i < len(stages) - 1 and not st.get("tokens"):
             raise ValueError(f"{path}: stage {st['name']}: every stage but the last needs a token budget (tokens)")
     return r
@@ -343,7 +348,8 @@ class Finalize(PipelineStep):
                                                  "train": {"docs": 0, "tokens": 0}, "val": {"docs": 0, "tokens": 0}})
             s[d["split"]]["docs"] += 1
             s[d["split"]]["tokens"] += d["n_tokens"]
-        stages = [{"name": s["name"], "sources": s["sources"], "tokens": s.get("tokens")} for s in r.get("stages", [])]
+        stages = [{"name": s["name"], "sources": s["sources"], "tokens": s.get("tokens")}
+                  | ({"languages": s["languages"]} if s.get("languages") else {}) for s in r.get("stages", [])]
         if not stages:
             stages = [{"name": "all", "sources": {k: v["train"]["tokens"] for k, v in sources.items()
                                                   if v["train"]["tokens"]}, "tokens": None}]
@@ -496,5 +502,6 @@ def dataset_info(dataset: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a built dataset")
     manifest = json.loads(path.read_text())
-    return "\n".join([funnel_table(manifest)] + [f"stage {st['name']}: {st['sources']} tokens={st['tokens']}"
-                                                 for st in manifest["stages"]])
+    return "\n".join([funnel_table(manifest)] + [
+        f"stage {st['name']}: {st['sources']} tokens={st['tokens']}"
+        + (f" languages={','.join(st['languages'])}" if st.get("languages") else "") for st in manifest["stages"]])
