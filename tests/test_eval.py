@@ -276,3 +276,37 @@ def test_run_eval_on_an_in_memory_model_equals_its_checkpoint(small_checkpoint, 
     assert (out / "samples.jsonl").exists()
     with pytest.raises(ValueError, match="tokenizer"):
         run_eval(model, None, tasks=["piqa"])
+
+
+def test_langid_picks_the_language_whose_prompt_explains_the_sentence_best():
+    """langid is multiple choice over prompts: the sentence is the same continuation after a prompt in each
+    candidate language, and the gold choice is the prompt in the sentence's language. Scored here by a character
+    trigram model of each prompt (a likelihood that knows nothing else), it identifies the languages well; with the
+    gold index or the prompts mislabelled it could not."""
+    import math
+    from collections import Counter
+
+    from apertus.eval import suite
+
+    docs = T.langid_docs("deu_Latn")
+    assert len(docs) == 204 and {d.gold for d in docs} == {0} and len(docs[0].pairs) == 10
+    assert all(cont == docs[0].pairs[0][1] for _, cont in docs[0].pairs)
+    assert docs[0].pairs[3][0].startswith(T.flores_texts("eng_Latn", "dev")[0])
+
+    def trigram_loglik(pairs):
+        out = []
+        for ctx, cont in pairs:
+            grams = Counter(ctx[i:i + 3] for i in range(len(ctx) - 2))
+            total = sum(grams.values())
+            out.append(sum(math.log((grams[cont[i:i + 3]] + 0.1) / (total + 0.1 * 10_000))
+                           for i in range(len(cont) - 2)))
+        return out
+
+    subtasks = suite.resolve(["langid"])
+    assert len(subtasks) == 10
+    res = suite.run_mc(trigram_loglik, subtasks, limit=20)
+    accs = [r["acc"] for r in res.values()]
+    assert all(r["chance"] == pytest.approx(0.1) for r in res.values())
+    assert sum(accs) / len(accs) > 0.8, res  # 0.945 here
+    two = suite.run_mc(trigram_loglik, suite.resolve(["langid"], langs=["deu", "rus"]), limit=20)
+    assert two["langid_rus_Cyrl"]["acc"] == 1.0 and two["langid_deu_Latn"]["chance"] == 0.5

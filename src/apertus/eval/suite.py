@@ -5,6 +5,7 @@ Task groups and their subtasks (one per language):
     udhr_bpb     bits-per-byte on the Universal Declaration of Human Rights, one value per language (467)
     xcopa        11 languages     xwinograd   6 languages     piqa     English
     sib200       topic classification, 205 languages
+    langid       language identification by likelihood among 10 European languages (FLORES test sentences)
     gsm8k, mgsm  (11 languages) exact match, generated through the inference engine (generative.py)
 
 Bits-per-byte = total NLL in bits / UTF-8 bytes of the text: it does not depend on the tokenizer, so models with
@@ -27,6 +28,7 @@ GROUPS = {
     "xwinograd": ("mc", lambda root: list(T.XWINOGRAD_LANGS)),
     "piqa": ("mc", lambda root: [None]),
     "sib200": ("mc", T.sib200_langs),
+    "langid": ("mc", lambda root: list(T.LANGID_LANGS)),
     "gsm8k": ("gen", lambda root: [None]),
     "mgsm": ("gen", lambda root: ["bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh"]),
 }
@@ -56,7 +58,9 @@ def resolve(names: list[str], langs: list[str] | None = None, root=None) -> dict
     return out
 
 
-def _mc_docs(group: str, lang, root) -> list[T.MCDoc]:
+def _mc_docs(group: str, lang, root, candidates=T.LANGID_LANGS) -> list[T.MCDoc]:
+    if group == "langid":
+        return T.langid_docs(lang, candidates, root=root)
     if group == "xcopa":
         return T.xcopa_docs(lang, root=root)
     if group == "xwinograd":
@@ -69,7 +73,10 @@ def _mc_docs(group: str, lang, root) -> list[T.MCDoc]:
 def run_mc(loglik, subtasks: dict, limit: int | None = None, root=None) -> dict[str, dict]:
     """Every multiple-choice subtask in ONE call of `loglik(pairs) -> [log-likelihood]` (one sorted, batched pass;
     contexts shared by the choices are computed once)."""
-    docs = {name: _mc_docs(group, lang, root)[:limit] for name, (group, kind, lang) in subtasks.items()
+    # langid's candidates: the languages asked for (all ten when only one is)
+    langid = [lang for group, _, lang in subtasks.values() if group == "langid"]
+    langid = langid if len(langid) > 1 else T.LANGID_LANGS
+    docs = {name: _mc_docs(group, lang, root, langid)[:limit] for name, (group, kind, lang) in subtasks.items()
             if kind == "mc"}
     pairs = [p for ds in docs.values() for d in ds for p in d.pairs]
     lls = iter(loglik(pairs))

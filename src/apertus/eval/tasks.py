@@ -145,6 +145,27 @@ def mean_stderr(xs) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
+# Language identification by likelihood: which of these languages is a FLORES test sentence in? The model scores the
+# sentence after a short prompt in each candidate language (a few FLORES dev sentences) and picks the most likely.
+# Ten languages with FLORES and UDHR text: German, French and Italian (the Swiss national languages FLORES has),
+# English and six more European languages, nine of them in Latin script: chance is 10%, and close neighbours
+# (Spanish/Portuguese, German/Dutch) have to be told apart by more than their alphabet.
+LANGID_LANGS = ("deu_Latn", "fra_Latn", "ita_Latn", "eng_Latn", "spa_Latn", "por_Latn", "nld_Latn", "pol_Latn",
+                "tur_Latn", "rus_Cyrl")
+LANGID_PROMPT_SENTENCES = 3
+
+
+def langid_docs(lang: str, candidates=LANGID_LANGS, root=None) -> list[MCDoc]:
+    """One document per FLORES test sentence of `lang`: its choices are the sentence after the prompt of each
+    candidate language; the gold choice is `lang`'s."""
+    candidates = list(candidates)
+    if lang not in candidates:
+        raise ValueError(f"langid: {lang} is not among the candidate languages {candidates}")
+    prompts = ["\n".join(flores_texts(c, "dev", root)[:LANGID_PROMPT_SENTENCES]) + "\n" for c in candidates]
+    return [MCDoc([(p, text) for p in prompts], candidates.index(lang), list(candidates))
+            for text in flores_texts(lang, "test", root)]
+
+
 # --- bits-per-byte corpora -------------------------------------------------------------------------------------------
 
 
