@@ -40,7 +40,8 @@ def test_pretraining_on_a_built_dataset_with_stages_and_per_language_validation(
     table = train_data.tiny_recipe(steps=0)
     table["model"]["vocab_size"] = 2048
     table["data"] = {"dataset": str(dataset)}
-    table["eval"] = {"every": 2, "batches": 2, "languages": ["eng_Latn", "deu_Latn", "fra_Latn"]}
+    table["eval"] = {"every": 2, "batches": 2, "languages": ["eng_Latn", "deu_Latn", "fra_Latn"],
+                     "prompts": ["ROMEO:", "Artikel 1"], "sample_tokens": 5}
     table["schedule"] = {}
     table["stages"] = [{"name": "a", "data": "first", "steps": 2}, {"name": "b", "data": "second", "seed": 5,
                                                                      "steps": 2}]
@@ -51,6 +52,11 @@ def test_pretraining_on_a_built_dataset_with_stages_and_per_language_validation(
     loader = state["source"]["loader"]
     assert (loader["stage"], loader["seed"], loader["row"]) == ("second", 5, 2 * 2 * 4)  # 2 steps x 2 micro x 4 rows
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()  # the dataset's tokenizer, for export
+    # the [eval] prompts continued at each evaluation (steps 2 and 4), from the weights of that step
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [2, 4]
+    assert [x["prompt"] for x in samples[0]["samples"]] == ["ROMEO:", "Artikel 1"]
+    assert all(x["text"] and len(x["text"]) < 5 * 30 for r in samples for x in r["samples"])
     # the run's manifest (compliance): the dataset it read, tokens seen, checkpoints hashed and still intact
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["kind"] == "pretrain" and run["tokens"] == result["tokens"] == 4 * 64 * 8
@@ -60,3 +66,28 @@ def test_pretraining_on_a_built_dataset_with_stages_and_per_language_validation(
     table["model"]["vocab_size"] = 1000
     with pytest.raises(ValueError, match="vocab_size 1,000 is smaller than the vocabulary of the dataset"):
         pretrain(parse_recipe(table), tmp_path / "small", Dist())
+
+
+def test_unigram_baseline_counts_the_training_documents_of_its_languages(dataset):
+    import math
+
+    import numpy as np
+
+    from apertus.data.shards import read_index
+    from apertus.eval.unigram import unigram_bpb, unigram_counts
+
+    docs = [d for d in read_index(dataset).to_pylist() if d["split"] == "train" and d["language"] == "deu_Latn"]
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    expected = np.zeros(2048, np.int64)
+    for d in docs:
+        ids = np.fromfile(dataset / d["shard"], dtype=manifest["dtype"])[d["offset"]:d["offset"] + d["n_tokens"]]
+        np.add.at(expected, ids.astype(np.int64), 1)
+    counts = unigram_counts(dataset, ["deu_Latn"])
+    assert counts.sum() == sum(d["n_tokens"] for d in docs) and (counts == expected).all()
+    assert unigram_counts(dataset).sum() > counts.sum()
+    # bits of each token under the add-alpha unigram, over the bytes of the text
+    top = int(counts.argmax())
+    p = (counts[top] + 0.1) / (counts.sum() + 0.1 * 2048)
+    assert math.isclose(unigram_bpb(counts, [[top] * 3], ["abcdef"]), -3 * math.log2(p) / 6)
+    with pytest.raises(ValueError, match="no train documents in xxx_Latn"):
+        unigram_counts(dataset, ["xxx_Latn"])

@@ -231,6 +231,39 @@ def _save_run_files(recipe: Recipe, out: Path, d: Dist, tok: str | None):
             shutil.copy(src.parent / "tokenizer_config.json", out / "tokenizer" / "tokenizer_config.json")
 
 
+def make_sampler(prompts: list[str], tokenizer: str, n_tokens: int, out: Path, source: PretrainSource, d: Dist):
+    """After each validation, the model's continuations of `prompts` (temperature 0.8, top-p 0.9, the same seed every
+    time) appended to out/samples.jsonl with the step: how noise turns into word shapes, then words. They come from
+    an eager copy of the weights (the training blocks may be compiled for one shape); on one rank only."""
+    from ..infer.sampler import filtered_probs
+    from ..model import Apertus
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer)
+
+    @torch.no_grad()
+    def sample(model) -> None:
+        plain = Apertus(model.config).to(d.device)
+        plain.load_state_dict(model.state_dict())
+        plain.eval()
+        gen = torch.Generator(device=d.device).manual_seed(0)
+        one = torch.ones(1, device=d.device)
+        rows = []
+        for prompt in prompts:
+            ids = torch.tensor([tok.encode(prompt)], device=d.device)
+            for _ in range(n_tokens):
+                probs = filtered_probs(plain(ids)[:, -1].float(), 0.8 * one, 0 * one.long(), 0.9 * one, 0 * one)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+                if int(nxt) == tok.eos_id:
+                    break
+                ids = torch.cat([ids, nxt], 1)
+            rows.append({"prompt": prompt, "text": tok.decode(ids[0, len(tok.encode(prompt)):].tolist())})
+        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": source.step, "samples": rows}, ensure_ascii=False) + "\n")
+
+    return sample
+
+
 def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
              make_loader: Callable[[Stage], object] | None = None, val_batches: dict[str, list[dict]] | None = None,
              token_bytes: torch.Tensor | None = None) -> dict:
@@ -258,6 +291,15 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
         return lm_loss(model, batch, goldfish=goldfish, document_masking=source.stage.document_masking)
 
     validate = make_validate(val_batches, token_bytes, d) if val_batches else None
+    if validate and recipe.eval.prompts and tokenizer and not d.sharded:
+        measure = validate
+        sample = make_sampler(recipe.eval.prompts, tokenizer, recipe.eval.sample_tokens, out, source, d)
+
+        def validate(model):
+            result = measure(model)
+            if d.main:
+                sample(model)
+            return result
     cfg = loop_config("pretrain", out, recipe.steps, recipe.lr_at, t, recipe.checkpoint, model.config.flops_per_token,
                       recipe.eval.every)
     result = train(model, optimizer, source, loss_fn, cfg, d, validate)

@@ -6,7 +6,7 @@
     [optim]       AdEMAMix or AdamW hyperparameters
     [schedule]    WSD over tokens: warmup_tokens, warmup_init, cooldown_tokens, decay, min_lr
     [checkpoint]  every, keep_last, permanent_every
-    [eval]        every, batches
+    [eval]        every, batches, languages, prompts, sample_tokens
     [[stages]]    curriculum and long-context stages, in order (none: one stage of [train]'s length)
 
 A stage lasts `steps` optimizer steps (or `tokens`); it names its data stage and data seed, and may change the
@@ -112,6 +112,8 @@ class Eval:
     every: int = 0
     batches: int = 4  # micro-batches per rank and language
     languages: list = field(default_factory=list)  # held-out languages (codes of the dataset); []: the 4 largest
+    prompts: list = field(default_factory=list)  # continued at every evaluation, into samples.jsonl (pretraining)
+    sample_tokens: int = 32
 
 
 @dataclass
