@@ -107,9 +107,17 @@ def test_report_sections_and_links(run):
     out = run["out"]
     report = (out / "report.md").read_text()
     for heading in ("## System", "## Time and tokens per stage", "## Data funnel", "## Tokenizer fertility",
-                    "## Loss curves", "## Bits per byte by language", "## Evaluation", "## Sample chats",
-                    "## Cards and exports"):
+                    "## Loss curves", "## What each stage shows, against its baseline",
+                    "## Samples during pretraining", "## Bits per byte by language", "## Evaluation",
+                    "## Sample chats", "## Cards and exports"):
         assert heading in report
+    # each stage's effect beside its baseline, the aim marked (values are not checked: the smoke run is too short)
+    effects = report.split("## What each stage shows")[1].split("\n## ")[0]
+    for measure in ("unigram", "language identification", "end their turn", "held-out mean reward"):
+        assert measure in effects
+    assert effects.count("met") >= 4
+    samples = report.split("## Samples during pretraining")[1].split("\n## ")[0]
+    assert "| Die Schweiz ist |" in samples and "step 3" in samples and "step 6" in samples
     assert "torch 2." in report and "transformers" in report
     assert "out:train" in report  # the funnel
     assert "| chance |" in report and "flores_bpb_eng_Latn" in report and "gsm8k" in report

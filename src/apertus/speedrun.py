@@ -32,6 +32,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from .embedded import packaged_dir
+from .eval.tasks import LANGID_LANGS
 from .tokenizer_eval import FERTILITY_LANGS
 from .util import atomic_write_json, hms
 
@@ -59,25 +60,26 @@ FULL = {
     "pretrain": [],
     "sft": [f"data.sources=[{_GSM % ('train', 0, 300)}]"],  # half of recipes/sft_tiny.toml: 28 steps
     "align": [REWARD],
-    "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "xcopa_sw", "xcopa_zh", "piqa"], "langs": list(FERTILITY_LANGS),
-                  "limit": 100},
+    "eval_base": {"tasks": ["flores_bpb", "langid", "xcopa_it", "piqa"], "langs": list(LANGID_LANGS), "limit": 100},
     "eval_chat": {"tasks": ["gsm8k"], "limit": 16, "max_tokens": 160},
     "chat_tokens": 160,
 }
 SMOKE = {
     "vocab_size": 2048, "tokenizer_mb": 1.0, "fertility_langs": FERTILITY_LANGS,
-    "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2},
+    # a few documents of a few languages: the stages take every language (no stage's languages would be there)
+    "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2, "all_languages": True},
     "pretrain": ["stages.0.steps=4", "stages.1.steps=2", "train.seq_len=128", "train.global_batch_tokens=1024",
                  "train.micro_batch=8", "train.compile=false", "schedule.warmup_tokens=1024",
                  "schedule.cooldown_tokens=2048", "optim.t_alpha=6", "optim.t_beta3=6", "eval.every=3",
-                 "eval.batches=1", "checkpoint.every=3", "train.log_every=1"],
+                 "eval.batches=1", "eval.languages=[]", "eval.sample_tokens=4", "checkpoint.every=3",
+                 "train.log_every=1"],
     "sft": [f"data.sources=[{_GSM % ('train', 0, 16)}]", f"data.val_sources=[{_GSM % ('test', 1000, 4)}]",
             "train.batch_size=4", "train.micro_batch=4", "train.log_every=1"],
     "align": [f"data.prompts=[{_GSM % ('train', 600, 6)}]", f"data.eval_prompts=[{_GSM % ('test', 0, 2)}]",
               "sampling.n=6", "sampling.max_tokens=16", "sampling.eval_n=1", "train.epochs=1", "train.batch_size=2",
               "train.micro_batch=2", "train.log_every=1",
               REWARD],
-    "eval_base": {"tasks": ["flores_bpb", "xcopa_it", "piqa"], "langs": ["eng_Latn", "deu_Latn"], "limit": 4},
+    "eval_base": {"tasks": ["flores_bpb", "langid", "xcopa_it", "piqa"], "langs": ["eng_Latn", "deu_Latn"], "limit": 4},
     "eval_chat": {"tasks": ["gsm8k"], "limit": 2, "max_tokens": 16},
     "chat_tokens": 16,
 }
@@ -147,6 +149,8 @@ def stage_data(out: Path, sizes: dict, run: Path) -> dict:
             src["limit"] = sizes["data"]["limits"][src["name"]]
     if "tasks" in sizes["data"]:
         recipe["executor"]["tasks"] = sizes["data"]["tasks"]
+    for stage in recipe["stages"] if sizes["data"].get("all_languages") else []:
+        stage.pop("languages", None)
     manifest = build_recorded(recipe, out / "dataset")
     print(funnel_table(manifest))
     return {"tokens": sum(s["n_tokens"] for s in manifest["shards"])}
@@ -193,10 +197,30 @@ def stage_eval(out: Path, sizes: dict, run: Path) -> dict:
     base = evaluate(str(run / "pretrain" / "hf"), b["tasks"], out=out / "base", limit=b["limit"], langs=b["langs"],
                     max_len=512, batch_tokens=4096)
     print(markdown(base))
+    unigram = unigram_baseline(run, b["langs"], b["limit"])
+    atomic_write_json(out / "base" / "unigram.json", unigram)
+    print("unigram baseline (bits per byte, fitted on the training documents of these languages): " +
+          ", ".join(f"{lang} {v:.3f}" for lang, v in unigram["bpb"].items()))
     chat = evaluate(str(run / "align" / "hf"), c["tasks"], out=out / "chat", limit=c["limit"], num_fewshot=0,
                     max_tokens=c["max_tokens"], max_len=640)
     print(markdown(chat))
     return {"tokens": 0}
+
+
+def unigram_baseline(run: Path, langs: list[str], limit: int) -> dict:
+    """Bits per byte of the run's tokenizer as a unigram model fitted on the pretraining documents of `langs`, on
+    the same held-out FLORES sentences as the model: what counting tokens alone reaches."""
+    from .eval.tasks import flores_texts
+    from .eval.unigram import unigram_bpb, unigram_counts
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(run / "tokenizer")
+    counts = unigram_counts(run / "data" / "dataset", langs)
+    bpb = {}
+    for lang in langs:
+        texts = flores_texts(lang)[:limit]
+        bpb[lang] = unigram_bpb(counts, tok.encode_batch(texts, bos=False), texts)
+    return {"languages": langs, "train_tokens": int(counts.sum()), "bpb": bpb, "mean": sum(bpb.values()) / len(bpb)}
 
 
 def stage_export(out: Path, sizes: dict, run: Path) -> dict:

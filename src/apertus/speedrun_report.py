@@ -7,7 +7,9 @@ results, chats.json), so the report can be regenerated at any time, also for a p
 from __future__ import annotations
 
 import json
+import math
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -137,6 +139,101 @@ def _eval_tables(run: Path) -> list[str]:
     return lines or ["(no eval stage yet)"]
 
 
+FINAL_ANSWER = re.compile(r"####\s*-?[\d,]*\.?\d+\s*$")
+
+
+def _format_rate(rows: list[dict]) -> float:
+    """Share of samples that end their turn and whose last line is a GSM8K final answer `#### N`."""
+    return sum(r["finish_reason"] == "stop" and bool(FINAL_ANSWER.search(r["completion"].strip()))
+               for r in rows) / max(len(rows), 1)
+
+
+def _mean_stderr(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / max(len(xs), 1)
+    var = sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)
+    return m, math.sqrt(var / max(len(xs), 1))
+
+
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "not met"
+
+
+def _effects(run: Path) -> list[str]:
+    """Each stage's effect beside the baseline a trivial model reaches, with the aim of issue 22 marked."""
+    rows = ["| stage | measure | this run | baseline | aim |", "|---|---|---:|---:|---|"]
+    base = _read(run / "eval" / "base" / "results.json")
+    unigram = _read(run / "eval" / "base" / "unigram.json")
+    if base and unigram:
+        langs = [lang for lang in unigram["bpb"] if f"flores_bpb_{lang}" in base["tasks"]]
+        model = sum(base["tasks"][f"flores_bpb_{lang}"]["bpb"] for lang in langs) / len(langs)
+        uni = sum(unigram["bpb"][lang] for lang in langs) / len(langs)
+        below = 1 - model / uni
+        rows.append(f"| pretraining | held-out FLORES bits per byte, mean of the {len(langs)} trained languages | "
+                    f"{model:.3f} ({100 * below:+.1f}% vs unigram) | unigram {uni:.3f} | ≥ 15% below unigram: "
+                    f"{_verdict(below >= 0.15)} |")
+    if base and "langid" in base.get("groups", {}):
+        g = base["groups"]["langid"]
+        rows.append(f"| pretraining | language identification by likelihood, {g['subtasks']} languages "
+                    f"({g['n']} sentences) | {100 * g['acc']:.1f}% | chance {100 * g['chance']:.0f}% | ≥ 80%: "
+                    f"{_verdict(g['acc'] >= 0.8)} |")
+    for group in ("xcopa", "piqa"):
+        if base and group in base.get("groups", {}):
+            g = base["groups"][group]
+            rows.append(f"| pretraining | {group} multiple choice ({g['n']} questions) | {100 * g['acc']:.1f}% ± "
+                        f"{100 * g['acc_stderr']:.1f} | chance {100 * g['chance']:.0f}% | none: not expected at "
+                        f"this size |")
+    ref, pol = (list(read_jsonl(run / "align" / "eval" / f"{k}.jsonl")) if (run / "align" / "eval" /
+                f"{k}.jsonl").is_file() else [] for k in ("reference", "policy"))
+    if ref:
+        rate = _format_rate(ref)
+        rows.append(f"| SFT | held-out GSM8K samples that end their turn with a final `#### N` line | "
+                    f"{100 * rate:.0f}% of {len(ref)} | base model: no chat format | ≥ 90%: {_verdict(rate >= 0.9)} |")
+    if ref and pol:
+        (r, r_se), (q, q_se) = _mean_stderr([x["reward"] for x in ref]), _mean_stderr([x["reward"] for x in pol])
+        moved = q - r > 2 * math.hypot(r_se, q_se)
+        rows.append(f"| QRPO | held-out mean reward (the rule reward it optimises) | {q:.3f} ± {q_se:.3f} | "
+                    f"SFT {r:.3f} ± {r_se:.3f} | above SFT by > 2 standard errors: {_verdict(moved)} |")
+    if len(rows) == 2:
+        return ["(no eval stage yet)"]
+    return rows + ["", "Bits per byte of a unigram model: the run's tokenizer as a context-free distribution fitted "
+                   "on the pretraining documents of the trained languages (what counting tokens alone reaches; a "
+                   "uniform distribution, the \"chance\" of the tables below, is far weaker). Language "
+                   "identification: each FLORES test sentence is scored after a three-sentence prompt in each "
+                   "candidate language; the most likely is the answer. QRPO's spread: standard errors over the "
+                   "held-out samples. The longer post-training experiment with two seeds is in "
+                   "runs/posttrain_results.md."]
+
+
+def _bpb_table(run: Path) -> list[str]:
+    base, unigram = _read(run / "eval" / "base" / "results.json"), _read(run / "eval" / "base" / "unigram.json")
+    if not base or not unigram:
+        return []
+    lines = ["", "| language | model | unigram | uniform |", "|---|---:|---:|---:|"]
+    for lang, uni in unigram["bpb"].items():
+        r = base["tasks"].get(f"flores_bpb_{lang}")
+        if r:
+            lines.append(f"| {lang} | {r['bpb']:.3f} | {uni:.3f} | {r['chance']:.3f} |")
+    return lines
+
+
+def _samples(run: Path) -> list[str]:
+    """The pretraining samples (samples.jsonl) at the first, a middle and the last evaluation."""
+    rows = list(read_jsonl(run / "pretrain" / "samples.jsonl")) if (run / "pretrain" / "samples.jsonl").is_file() \
+        else []
+    if not rows:
+        return ["(no samples: the pretraining recipe has no [eval] prompts)"]
+    by_step = {r["step"]: r for r in rows}  # a resumed run may have written a step twice: the last one counts
+    steps = sorted(by_step)
+    picked = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    lines = ["Continuations of the same prompts by the model during pretraining (temperature 0.8, top-p 0.9, "
+             "the same seed every time):", "", "| prompt | " + " | ".join(f"step {s}" for s in picked) + " |",
+             "|---|" + "---|" * len(picked)]
+    for i, sample in enumerate(by_step[steps[0]]["samples"]):
+        cells = [by_step[s]["samples"][i]["text"].replace("|", "\\|").replace("\n", " ⏎ ") for s in picked]
+        lines.append(f"| {sample['prompt']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _chats(run: Path) -> list[str]:
     rows = _read(run / "chat" / "chats.json")
     if not rows:
@@ -186,11 +283,13 @@ def write_report(run_dir: str | Path) -> Path:
                   "Pretraining: training loss (Goldfish-masked) and held-out loss per language against tokens; the "
                   "dotted line is the switch to the code/math stage. SFT: loss on the assistant's tokens. QRPO: the "
                   "quantile-reward regression loss."]
+    lines += ["", "## What each stage shows, against its baseline", ""] + _effects(run)
+    lines += ["", "## Samples during pretraining", ""] + _samples(run)
     lines += ["", "## Bits per byte by language", ""]
     if (run / "eval" / "base" / "flores_bpb.png").is_file():
         lines += ["Held-out FLORES-200 test sentences; bits per byte do not depend on the tokenizer. The dashed "
                   "line is chance (a uniform distribution over the vocabulary).", "",
-                  "![bits per byte](eval/base/flores_bpb.png)"]
+                  "![bits per byte](eval/base/flores_bpb.png)"] + _bpb_table(run)
     lines += ["", "## Evaluation (chance levels beside every score)", ""] + _eval_tables(run)
     lines += ["## Sample chats", ""] + _chats(run)
     lines += ["## Cards and exports", ""] + _links(run)
