@@ -159,7 +159,7 @@ def _verdict(met: bool) -> str:
 
 
 def _effects(run: Path) -> list[str]:
-    """Each stage's effect beside the baseline a trivial model reaches, with the aim of issue 22 marked."""
+    """Each stage's effect beside the baseline a trivial model reaches, with its aim marked met or not."""
     rows = ["| stage | measure | this run | baseline | aim |", "|---|---|---:|---:|---|"]
     base = _read(run / "eval" / "base" / "results.json")
     unigram = _read(run / "eval" / "base" / "unigram.json")
