@@ -196,7 +196,7 @@ def _effects(run: Path) -> list[str]:
     if len(rows) == 2:
         return ["(no eval stage yet)"]
     return rows + ["", "Bits per byte of a unigram model: the run's tokenizer as a context-free distribution fitted "
-                   "on the pretraining documents of the trained languages (what counting tokens alone reaches; a "
+                   "on the documents of the first pretraining stage (what counting tokens alone reaches; a "
                    "uniform distribution, the \"chance\" of the tables below, is far weaker). Language "
                    "identification: each FLORES test sentence is scored after a three-sentence prompt in each "
                    "candidate language; the most likely is the answer. QRPO's spread: standard errors over the "

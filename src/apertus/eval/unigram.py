@@ -13,20 +13,25 @@ from pathlib import Path
 import numpy as np
 
 
-def unigram_counts(dataset_dir: str | Path, languages: list[str] | None = None, split: str = "train") -> np.ndarray:
-    """Token counts over the `split` documents of a built dataset (only those in `languages` when given)."""
+def unigram_counts(dataset_dir: str | Path, languages: list[str] | None = None, sources: list[str] | None = None,
+                   split: str = "train") -> np.ndarray:
+    """Token counts over the `split` documents of a built dataset (only those in `languages` and of `sources` when
+    given)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     d = Path(dataset_dir)
     manifest = json.loads((d / "manifest.json").read_text())
-    table = pq.read_table(d / manifest["index"], columns=["split", "language", "shard", "offset", "n_tokens"])
+    table = pq.read_table(d / manifest["index"], columns=["split", "source", "language", "shard", "offset",
+                                                          "n_tokens"])
     table = table.filter(pc.equal(table["split"], split))
-    if languages:
-        table = table.filter(pc.is_in(table["language"], value_set=pa.array(list(languages))))
+    for column, keep in (("language", languages), ("source", sources)):
+        if keep:
+            table = table.filter(pc.is_in(table[column], value_set=pa.array(list(keep))))
     if table.num_rows == 0:
-        raise ValueError(f"{d}: no {split} documents{' in ' + ', '.join(languages) if languages else ''}")
+        raise ValueError(f"{d}: no {split} documents" + (f" in {', '.join(languages)}" if languages else "")
+                         + (f" of {', '.join(sources)}" if sources else ""))
     dtype, counts, maps = np.dtype(manifest["dtype"]), None, {}
     for shard, offset, n in zip(table["shard"].to_pylist(), table["offset"].to_pylist(),
                                 table["n_tokens"].to_pylist(), strict=True):
