@@ -209,16 +209,17 @@ def stage_eval(out: Path, sizes: dict, run: Path) -> dict:
 
 def unigram_baseline(run: Path, langs: list[str], limit: int) -> dict:
     """Bits per byte of the run's tokenizer as a unigram model fitted on the documents of the first pretraining stage
-    (its sources, in `langs`), on the same held-out FLORES sentences as the model: what counting tokens alone
-    reaches. (Not on every document of `langs`: English would then be mostly GSM8K, a weaker baseline.)"""
+    (its sources and languages), on the same held-out FLORES sentences of `langs` as the model: what counting tokens
+    alone reaches. (Not on every document of `langs`: English would then be mostly GSM8K, a weaker baseline.)"""
     from .eval.tasks import flores_texts
     from .eval.unigram import unigram_bpb, unigram_counts
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(run / "tokenizer")
     dataset = run / "data" / "dataset"
-    sources = sorted(json.loads((dataset / "manifest.json").read_text())["stages"][0]["sources"])
-    counts = unigram_counts(dataset, langs, sources)
+    stage = json.loads((dataset / "manifest.json").read_text())["stages"][0]
+    sources = sorted(stage["sources"])
+    counts = unigram_counts(dataset, stage.get("languages"), sources)
     bpb = {}
     for lang in langs:
         texts = flores_texts(lang)[:limit]
