@@ -251,13 +251,14 @@ def make_sampler(prompts: list[str], tokenizer: str, n_tokens: int, out: Path, s
         rows = []
         for prompt in prompts:
             ids = torch.tensor([tok.encode(prompt)], device=d.device)
+            start = ids.shape[1]
             for _ in range(n_tokens):
                 probs = filtered_probs(plain(ids)[:, -1].float(), 0.8 * one, 0 * one.long(), 0.9 * one, 0 * one)
                 nxt = torch.multinomial(probs, 1, generator=gen)
                 if int(nxt) == tok.eos_id:
                     break
                 ids = torch.cat([ids, nxt], 1)
-            rows.append({"prompt": prompt, "text": tok.decode(ids[0, len(tok.encode(prompt)):].tolist())})
+            rows.append({"prompt": prompt, "text": tok.decode(ids[0, start:].tolist())})
         with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": source.step, "samples": rows}, ensure_ascii=False) + "\n")
 
