@@ -139,15 +139,22 @@ def parallelize(model: nn.Module, d: Dist, *, activation_checkpointing: bool = F
     for block in model.model.layers:
         _wrap_forward(block, activation_checkpointing, compile)
     if d.sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        shard(model, param_dtype)
+    return model
 
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        # The root keeps embeddings, final norm and lm_head gathered between forward and backward: the training loss
-        # reads lm_head.weight right after `hidden_states` (chunked cross-entropy), outside any module's forward.
-        fully_shard(model, mp_policy=mp, reshard_after_forward=False)
-        register_fsdp_forward_method(model, "hidden_states")
+
+def shard(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 over the default process group: `fully_shard` on every block, then on the root. Called by `parallelize`
+    when there is more than one rank; bench/gpu.py calls it at world size 1 to time the sharded code path."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    # The root keeps embeddings, final norm and lm_head gathered between forward and backward: the training loss
+    # reads lm_head.weight right after `hidden_states` (chunked cross-entropy), outside any module's forward.
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
     return model
 
 
