@@ -31,14 +31,15 @@ from apertus.checkpoint import parse_dtype
 from apertus.infer import Engine, SamplingParams
 
 
-def hf_generate(model, prompts, new: int):
-    """transformers' batched greedy generate, left padding (its recommended setup for decoder-only batches)."""
+def hf_generate(model, prompts, new: int, **kw):
+    """transformers' batched greedy generate, left padding (its recommended setup for decoder-only batches); `kw`
+    goes to `generate` (e.g. cache_implementation="static")."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
-                             pad_token_id=3)
+                             pad_token_id=3, **kw)
     assert out.shape[1] == width + new
 
 

@@ -25,13 +25,16 @@ from apertus.train.optim import build_optimizer
 from apertus.train.recipe import fast_dtype
 
 
-def ours_step(model, opt, batch, bf16: bool):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+def ours_step(model, opt, batch, bf16: bool) -> torch.Tensor:
+    """One optimizer step on the batch's device; the loss (detached, not synchronised)."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
         loss_sum, n = lm_loss(model, batch, goldfish=None, document_masking=False)
-    (loss_sum / n).backward()
+    loss = loss_sum / n
+    loss.backward()
     clip_grad_norm_(list(model.parameters()), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def hf_step(model, opt, batch, bf16: bool):
