@@ -33,6 +33,8 @@ def load_logs(results: Path) -> list[tuple[str, dict]]:
         bad = [r for r in log["rows"] if not isinstance(r, dict) or not {"benchmark", "apertus"} <= set(r)]
         if bad:  # e.g. a log from before bench/_log.py, whose `rows` held raw measurements
             raise SystemExit(f"{path}: `rows` entries need `benchmark` and `apertus` (and `peer`, `ratio`): {bad[0]}")
+        if log.get("smoke"):  # a run that checks a benchmark still works (bench/gpu.py --size tiny), not a result
+            continue
         logs.append((path.stem, log))
 
     def key(item):
