@@ -25,8 +25,9 @@ demo: setup
 	$(VENV)/bin/apertus info tiny
 	$(PY) runs/demo.py --out $(OUT)
 
-# every benchmark writes its log to bench/results/ (bench/_log.py); bench-table turns the logs into the README's table
-BENCHES := $(filter-out bench/table.py,$(wildcard bench/[a-z]*.py))
+# every benchmark writes its log to bench/results/ (bench/_log.py); bench-table turns the logs into the README's table.
+# bench/gpu.py needs a GPU and has its own entry point, bench/gpu.sh.
+BENCHES := $(filter-out bench/table.py bench/gpu.py,$(wildcard bench/[a-z]*.py))
 
 bench: setup
 	@for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
