@@ -26,7 +26,7 @@ def test_gpu_bench_smoke_run_writes_every_section(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = json.loads((tmp_path / "gpu-tiny-cpu.json").read_text())
     assert log["benchmark"] == "bench/gpu.py" and log["smoke"] is True and log["device"] == "cpu"
-    assert log["rows"] == []  # a smoke run has no README rows
+    assert log["rows"] == [] and len(log["smoke_rows"]) == 6  # the rows a GPU run would give the README's table
     for name in ("train", "fsdp", "parity", "engine"):
         assert log[name]["status"] == "ok", (name, log[name])
         assert numbers(log[name], "seconds"), name
