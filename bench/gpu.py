@@ -192,7 +192,9 @@ def engine_section(size: Size, device, compile: bool, pair, out: dict, save):
     def prompts(n, length):
         return [[1] + torch.randint(1000, cfg.vocab_size, (length - 1,), generator=g).tolist() for _ in range(n)]
 
-    engine = Engine(ours, max_batch=max(size.decode_batches), cache_gb=size.cache_gb, compile=compile)
+    # no prefix caching: the rounds repeat their prompts, and a cache hit would skip the prefill being measured
+    engine = Engine(ours, max_batch=max(size.decode_batches), cache_gb=size.cache_gb, compile=compile,
+                    prefix_caching=False)
     peer = "transformers `generate`, static cache" + (", torch.compile" if device.type == "cuda" else ", eager")
     out.update({"model": size.infer, "dtype": str(ours.lm_head.weight.dtype)[6:], "compiled": compile, "peer": peer,
                 "new_tokens": size.new, "workloads": []})
