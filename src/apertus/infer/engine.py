@@ -193,8 +193,9 @@ class Engine:
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
     default.
     compile=True: every step runs through torch.compile (a few graphs, compiled at start: 20-45 s for the tiny model
-    on 2 cores, less once inductor's on-disk cache is warm); worth it for a server or a long job: on CPU a decoding
-    step takes a half to a third of the eager time (bench/engine.py).
+    on 2 cores); worth it for a server or a long job: on CPU a decoding step takes a half to a third of the eager time
+    (bench/engine.py). Inductor's caches live in compile_cache_dir(), so a later start of the same shapes, in any
+    process, loads the graphs (a quarter of the time: dynamo still traces); compile_info says how long it took.
     """
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
