@@ -470,3 +470,21 @@ def test_compile_cache_serves_a_second_process(small_checkpoint, tmp_path):
     cold = re.fullmatch(rf"cold cache: (\d+) graphs compiled into {re.escape(str(cache))}", runs[0])
     assert cold and int(cold.group(1)) > 0, runs
     assert runs[1] == f"{cold.group(1)} graphs from cache {cache}", runs
+
+
+def test_compile_cache_dir_choice_and_errors(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from apertus.infer.engine import _compile_cached, compile_cache_dir
+
+    monkeypatch.delenv("APERTUS_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as torch leaves it once it has compiled
+    assert compile_cache_dir() == tmp_path / "apertus" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
+    assert compile_cache_dir() == tmp_path / "mine"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("APERTUS_COMPILE_CACHE", str(tmp_path / "file" / "inductor"))
+    assert compile_cache_dir() == tmp_path / "file" / "inductor"
+    with pytest.raises(ValueError, match="cannot create the compile cache .*file/inductor.*APERTUS_COMPILE_CACHE"):
+        _compile_cached(lambda: pytest.fail("compiled without a cache"))
