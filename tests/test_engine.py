@@ -3,6 +3,8 @@ batching, preemption, seeds), and against the real Apertus tokenizer (stop strin
 
 import asyncio
 import io
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -449,3 +451,40 @@ def test_chat_loop_shows_reasoning_apart_and_keeps_the_answer(tmp_path, apertus_
     second = tok.decode(prompts_seen[1])
     assert "Deliberation: enabled" in second and "<|assistant_start|>Forty-two<|assistant_end|>" in second
     assert "Let me think" not in second  # reasoning of earlier turns is not fed back
+
+
+@pytest.mark.slow
+def test_compile_cache_serves_a_second_process(small_checkpoint, tmp_path):
+    """`--compile` in a fresh process loads every graph the first one compiled from the cache folder."""
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "APERTUS_COMPILE_CACHE": str(cache)}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "apertus.cli", "generate", str(small_checkpoint), "--compile",
+                               "--prompt", "Grüezi", "--temperature", "0", "--max-tokens", "2"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(re.search(r"apertus generate: compiled in [\d.]+ s \((.*)\)", proc.stderr).group(1))
+        if len(runs) == 1:
+            assert any((cache / "fxgraph").rglob("*")) and any((cache / "aotautograd").rglob("*")), runs
+    cold = re.fullmatch(rf"cold cache: (\d+) graphs compiled into {re.escape(str(cache))}", runs[0])
+    assert cold and int(cold.group(1)) > 0, runs
+    assert runs[1] == f"{cold.group(1)} graphs from cache {cache}", runs
+
+
+def test_compile_cache_dir_choice_and_errors(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from apertus.infer.engine import _compile_cached, compile_cache_dir
+
+    monkeypatch.delenv("APERTUS_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as torch leaves it once it has compiled
+    assert compile_cache_dir() == tmp_path / "apertus" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice is kept
+    assert compile_cache_dir() == tmp_path / "mine"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("APERTUS_COMPILE_CACHE", str(tmp_path / "file" / "inductor"))
+    assert compile_cache_dir() == tmp_path / "file" / "inductor"
+    with pytest.raises(ValueError, match="cannot create the compile cache .*file/inductor.*APERTUS_COMPILE_CACHE"):
+        _compile_cached(lambda: pytest.fail("compiled without a cache"))

@@ -24,7 +24,8 @@ from .infer import Engine, SamplingParams, repl
 from .train import checkpointing, posttrain, pretrain, qrpo, recipe, sft
 
 MODEL_HELP = "checkpoint directory or hub id org/name[@revision] (or a preset name, random weights)"
-COMPILE_HELP = "run the engine through torch.compile: 2-3x faster decoding steps after 20-45 s of compiling at start"
+COMPILE_HELP = ("run the engine through torch.compile: 2-3x faster decoding steps after 20-45 s of compiling at start "
+                "(less from the cache in $APERTUS_COMPILE_CACHE, default ~/.cache/apertus/inductor)")
 
 # Options forwarded to a callee, by parameter name: argparse keywords without the default, which `add_options` reads
 # from the callee's signature (or dataclass fields), so that the CLI and the Python API agree. A new engine or sampling
@@ -209,7 +210,10 @@ def pii_filter_factory(args):
 
 
 def engine_from_args(args):
-    return Engine(args.model, **picked(args, ENGINE), output_filter=pii_filter_factory(args))
+    engine = Engine(args.model, **picked(args, ENGINE), output_filter=pii_filter_factory(args))
+    if engine.compile_info:
+        print(f"apertus {args.command}: {engine.compile_info['message']}", file=sys.stderr, flush=True)
+    return engine
 
 
 def sampling_from_args(args, **extra):

@@ -31,6 +31,7 @@ PII filter) runs on the Request's stream, so the scheduler sees only the model's
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from collections import deque
@@ -124,6 +125,63 @@ def _packs(rows, max_keys: int):
     return packs
 
 
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs across processes (its FX graph and AOTAutograd caches, keyed by the graph
+    and the config, so a second start with the same model shape loads them instead of compiling):
+    $APERTUS_COMPILE_CACHE, else TORCHINDUCTOR_CACHE_DIR if set to other than torch's default under /tmp (which does
+    not outlive a reboot, and which torch writes into the environment itself once it compiles), else
+    `$XDG_CACHE_HOME/apertus/inductor` (`~/.cache/apertus/inductor`)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ..embedded import cache_root
+
+    if os.environ.get("APERTUS_COMPILE_CACHE"):
+        return Path(os.environ["APERTUS_COMPILE_CACHE"]).expanduser().absolute()
+    torch_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if torch_dir and os.path.abspath(torch_dir) != os.path.abspath(default_cache_dir()):
+        return Path(torch_dir).absolute()
+    return cache_root() / "inductor"
+
+
+def _compile_cached(warm_up) -> dict:
+    """Run warm_up (which compiles) with inductor's cache dir set to compile_cache_dir() (torch's own setting comes
+    back after); its seconds, the cache folder, the graphs found in and missing from the FX graph cache (an AOTAutograd
+    cache hit loads its graph from there too), and a message."""
+    import time
+
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"engine: cannot create the compile cache {path} ({e.strerror}); set APERTUS_COMPILE_CACHE "
+                      "to a writable folder") from e
+    def looked_up():  # counters["inductor"] is looked up each time: inductor's pattern matcher swaps it for a copy
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    (hits, misses), start = looked_up(), time.perf_counter()
+    with temporary_cache_dir(str(path)):
+        warm_up()
+    seconds = time.perf_counter() - start
+    hits, misses = (after - before for after, before in zip(looked_up(), (hits, misses), strict=True))
+    where = f"~/{path.relative_to(Path.home())}" if path.is_relative_to(Path.home()) else str(path)
+    if not inductor_config.fx_graph_cache:
+        how = "not cached: inductor's FX graph cache is off (TORCHINDUCTOR_FX_GRAPH_CACHE=0)"
+    elif not hits and not misses:
+        how = "no new graphs: another compiled engine in this process has them"
+    elif not misses:
+        how = f"{hits} graphs from cache {where}"
+    elif not hits:
+        how = f"cold cache: {misses} graphs compiled into {where}"
+    else:
+        how = f"{hits} of {hits + misses} graphs from cache {where}"
+    return dict(seconds=seconds, cache_dir=path, cache_hits=hits, cache_misses=misses,
+                message=f"compiled in {seconds:.1f} s ({how})")
+
+
 class Engine:
     """`Engine(checkpoint_dir | preset | model, tokenizer=None, dtype=None, ...)`.
 
@@ -135,8 +193,9 @@ class Engine:
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
     default.
     compile=True: every step runs through torch.compile (a few graphs, compiled at start: 20-45 s for the tiny model
-    on 2 cores, less once inductor's on-disk cache is warm); worth it for a server or a long job: on CPU a decoding
-    step takes a half to a third of the eager time (bench/engine.py).
+    on 2 cores); worth it for a server or a long job: on CPU a decoding step takes a half to a third of the eager time
+    (bench/engine.py). Inductor's caches live in compile_cache_dir(), so a later start of the same shapes, in any
+    process, loads the graphs (a quarter of the time: dynamo still traces); compile_info says how long it took.
     """
 
     def __init__(self, model_or_path, tokenizer=None, dtype: torch.dtype | str | None = None, device=None,
@@ -201,6 +260,7 @@ class Engine:
         self._closed = False
         self._next_id = 0
         self._compiled = None  # the model's hidden_states through torch.compile (compile=True)
+        self.compile_info: dict | None = None  # compile=True: the warm-up's seconds and cache hits (_compile_cached)
         if compile:
             if _compiled_engines:
                 log.warning("engine: %d other compiled engine(s) open in this process; dynamo checks all their graphs "
@@ -211,7 +271,8 @@ class Engine:
             # by reading the weights, where oneDNN's bf16 GEMM is 2-3x slower (inductor's decompose_mm_pass)
             options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if device.type == "cpu" else {}
             self._compiled = torch.compile(self.model.hidden_states, dynamic=True, options=options)
-            self._warm_up()
+            self.compile_info = _compile_cached(self._warm_up)
+            log.info("engine: %s", self.compile_info["message"])
             _compiled_engines.add(id(self))
 
     def _warm_up(self):

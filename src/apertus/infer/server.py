@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
 
     name = model_name or Path(str(model)).name or str(model)
     engine = Engine(model, **engine_kwargs)
+    if engine.compile_info:
+        print(f"apertus serve: {engine.compile_info['message']}", file=sys.stderr, flush=True)
     try:
         app = create_app(engine, name, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
                          output_filter=output_filter)
