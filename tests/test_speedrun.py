@@ -198,3 +198,36 @@ def test_refuses_other_mode_and_unknown_stage(run):
     assert r.returncode == 2 and "choose another --out" in r.stderr
     r = subprocess.run(_speedrun(run["out"], "--stages", "sft,dance"), capture_output=True, text=True)
     assert r.returncode == 2 and "unknown stage" in r.stderr
+
+
+@pytest.mark.parametrize("budget", ["demo", "hour"])
+def test_budgets_keep_sft_qrpo_and_eval_data_apart(budget):
+    """Each budget's SFT conversations, QRPO prompts and held-out prompts are disjoint rows of GSM8K."""
+    from apertus.config import load_toml
+    from apertus.speedrun import BUDGETS, RECIPES
+    from apertus.train.recipe import apply_override
+
+    sizes = BUDGETS[budget]
+    recipes = {"sft": load_toml(RECIPES / "sft_tiny.toml"), "align": load_toml(RECIPES / "align_tiny.toml")}
+    for stage, recipe in recipes.items():
+        for item in sizes[stage]:
+            apply_override(recipe, item)
+    used = {}  # (split, row) -> what reads it
+    sft, align = recipes["sft"]["data"], recipes["align"]["data"]
+    for what, sources in (("sft", sft["sources"]), ("sft val", sft["val_sources"]), ("qrpo", align["prompts"]),
+                          ("qrpo eval", align["eval_prompts"])):
+        for s in sources:
+            split = Path(s["path"]).stem
+            for row in range(s.get("skip", 0), s.get("skip", 0) + s["limit"]):
+                assert (split, row) not in used, (budget, what, split, row, used[split, row])
+                used[split, row] = what
+    assert {split for split, _ in used} == {"train", "test"}
+
+
+def test_budget_is_checked(tmp_path):
+    from apertus.speedrun import speedrun
+
+    with pytest.raises(ValueError, match="unknown budget 'week'"):
+        speedrun(tmp_path, budget="week")
+    with pytest.raises(ValueError, match="--smoke and --budget exclude each other"):
+        speedrun(tmp_path, smoke=True, budget="hour")

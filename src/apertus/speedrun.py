@@ -1,6 +1,7 @@
 """The speedrun: the whole Apertus pipeline on the embedded corpus in one command, then a report.
 
-    apertus speedrun --out runs/demo                 # ~10 minutes on 2 CPU cores
+    apertus speedrun --out runs/demo                 # ~25 minutes on 2 AVX2 cores, a few times faster with bf16 units
+    apertus speedrun --budget hour --out runs/hour   # twice the pretraining tokens and SFT data: ~1 hour
     apertus speedrun --smoke --out /tmp/smoke        # every stage, a few steps each (CI)
     apertus speedrun --out runs/demo --stages sft,eval   # rerun some stages (later ones read their outputs)
     apertus report runs/demo                         # regenerate runs/demo/report.md
@@ -53,19 +54,32 @@ CHATS = [
 # term, so that the tiny model's samples of a question differ in reward more often (ties give no training pair).
 REWARD = "reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, gsm8k_closeness = 0.2}"
 _GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
-# Sizes of the two modes. The full run is ~10 minutes on 2 idle cores; smoke runs every stage in ~2 minutes.
+# Sizes of the budgets ("minutes": the aim on 2 cores). "demo" is the default; "hour" pretrains on twice the tokens,
+# fine-tunes on twice the conversations, aligns on twice the prompts and evaluates on more.
+# SFT and QRPO read disjoint slices of the GSM8K train split (QRPO's prompts start where SFT's end).
 FULL = {
-    "vocab_size": 8192, "tokenizer_mb": 12.0,
+    "vocab_size": 8192, "tokenizer_mb": 12.0, "minutes": 10,
     "data": {},
     "pretrain": [],
-    "sft": [f"data.sources=[{_GSM % ('train', 0, 300)}]"],  # half of recipes/sft_tiny.toml: 28 steps
-    "align": [REWARD],
+    "sft": [f"data.sources=[{_GSM % ('train', 0, 1200)}]"],  # 111 steps (600: 56 steps, 66% in format)
+    "align": [f"data.prompts=[{_GSM % ('train', 1200, 64)}]", REWARD],
     "eval_base": {"tasks": ["flores_bpb", "langid", "xcopa_it", "piqa"], "langs": list(LANGID_LANGS), "limit": 50},
     "eval_chat": {"tasks": ["gsm8k"], "limit": 16, "max_tokens": 160},
     "chat_tokens": 160,
 }
+HOUR = FULL | {
+    "minutes": 60,
+    "pretrain": ["stages.0.steps=300", "stages.1.steps=100", "schedule.cooldown_tokens=655360", "optim.t_alpha=400",
+                 "optim.t_beta3=400"],
+    "sft": [f"data.sources=[{_GSM % ('train', 0, 2400)}]"],
+    "align": [f"data.prompts=[{_GSM % ('train', 2400, 128)}]", f"data.eval_prompts=[{_GSM % ('test', 0, 64)}]",
+              REWARD],
+    "eval_base": FULL["eval_base"] | {"limit": 100},
+    "eval_chat": FULL["eval_chat"] | {"limit": 64},
+}
+BUDGETS = {"demo": FULL, "hour": HOUR}
 SMOKE = {
-    "vocab_size": 2048, "tokenizer_mb": 1.0, "fertility_langs": FERTILITY_LANGS,
+    "vocab_size": 2048, "tokenizer_mb": 1.0, "minutes": 10, "fertility_langs": FERTILITY_LANGS,
     # a few documents of a few languages: the stages take every language (no stage's languages would be there)
     "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2, "all_languages": True},
     "pretrain": ["stages.0.steps=4", "stages.1.steps=2", "train.seq_len=128", "train.global_batch_tokens=1024",
@@ -272,8 +286,10 @@ def stage_chat(out: Path, sizes: dict, run: Path) -> dict:
 # --- the run ----------------------------------------------------------------------------------------------------------
 
 
-def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", stages: list[str] | None = None) -> Path:
-    """Run (or resume) the speedrun into `out`; `stages` reruns just those. Returns the report's path."""
+def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", stages: list[str] | None = None,
+             budget: str = "demo") -> Path:
+    """Run (or resume) the speedrun into `out`; `stages` reruns just those; `budget` is "demo" (the default) or
+    "hour" (more tokens in every training stage, see HOUR). Returns the report's path."""
     from .speedrun_report import write_report
 
     run = Path(out).resolve()
@@ -281,11 +297,15 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    mode = {"smoke": smoke, "tokenizer": tokenizer}
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; budgets: {', '.join(BUDGETS)}")
+    if smoke and budget != "demo":
+        raise ValueError("--smoke and --budget exclude each other: the smoke run has its own sizes")
+    mode = {"smoke": smoke, "tokenizer": tokenizer} | ({"budget": budget} if budget != "demo" else {})
     state = _read_json(run / "speedrun.json", {"mode": mode, "stages": {}})
     if state["mode"] != mode:
         raise ValueError(f"{run} holds a speedrun with {state['mode']} (not {mode}); choose another --out")
-    sizes = SMOKE if smoke else FULL
+    sizes = SMOKE if smoke else BUDGETS[budget]
     from .train.recipe import fast_dtype
 
     if fast_dtype() == "fp32":

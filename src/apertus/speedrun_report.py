@@ -193,6 +193,14 @@ def _effects(run: Path) -> list[str]:
         moved = q - r > 2 * math.hypot(r_se, q_se)
         rows.append(f"| QRPO | held-out mean reward (the rule reward it optimises) | {q:.3f} ± {q_se:.3f} | "
                     f"SFT {r:.3f} ± {r_se:.3f} | above SFT by > 2 standard errors: {_verdict(moved)} |")
+    state = _read(run / "speedrun.json") or {}
+    if len(rows) > 2 and not state["mode"]["smoke"]:
+        from .speedrun import BUDGETS
+
+        total = sum(r["seconds"] for r in state["stages"].values())
+        minutes = BUDGETS[state["mode"].get("budget", "demo")]["minutes"]
+        rows.append(f"| all | time of every stage, on this machine (above) | {hms(total)} | — | ≤ {minutes} minutes on "
+                    f"2 cores: {_verdict(total <= 60 * minutes)} |")
     if len(rows) == 2:
         return ["(no eval stage yet)"]
     return rows + ["", "Bits per byte of a unigram model: the run's tokenizer as a context-free distribution fitted "
@@ -264,7 +272,8 @@ def write_report(run_dir: str | Path) -> Path:
     state = _read(run / "speedrun.json")
     if state is None:
         raise FileNotFoundError(f"{run}: no speedrun.json (not a speedrun directory)")
-    mode = "smoke test (--smoke: a few steps per stage)" if state["mode"]["smoke"] else "full run"
+    mode = ("smoke test (--smoke: a few steps per stage)" if state["mode"]["smoke"] else
+            f"{state['mode'].get('budget', 'demo')} budget")
     lines = [f"# Apertus speedrun — {mode}", "",
              "The whole Apertus pipeline on the embedded corpus: data → tokenizer → pretraining (multilingual, then "
              "code and math) → SFT → QRPO → evaluation → export → cards → chat. Regenerate with "

@@ -60,7 +60,6 @@ class SFTData:
     date: str = ""  # "Current date" of the default system prompt; "": the day the run starts (kept on resume)
     format: str = "apertus-sft"  # chat format: "apertus-sft" (Apertus' SFT template) or "release" (chat.encode_chat)
     packing: bool = True
-    format: str = "apertus-sft"  # the chat format trained on: "apertus-sft" (what Apertus did) or "release"
 
 
 @dataclass
