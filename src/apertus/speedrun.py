@@ -55,7 +55,8 @@ CHATS = [
 REWARD = "reward.functions={gsm8k_correct = 1.0, gsm8k_format = 1.0, gsm8k_closeness = 0.2}"
 _GSM = '{format = "gsm8k", path = "gsm8k/%s.jsonl", skip = %d, limit = %d, system = "Solve the problem."}'
 # Sizes of the budgets ("minutes": the aim on 2 cores). "demo" is the default; "hour" pretrains on twice the tokens,
-# fine-tunes on twice the conversations, aligns on twice the prompts and evaluates on more.
+# fine-tunes on twice the conversations, aligns on twice the prompts and evaluates on more. Measured: its pretraining
+# does worse on held-out text (7% below the unigram baseline against 14.6%), ~22 epochs of the small embedded text.
 # SFT and QRPO read disjoint slices of the GSM8K train split (QRPO's prompts start where SFT's end).
 FULL = {
     "vocab_size": 8192, "tokenizer_mb": 12.0, "minutes": 10,
