@@ -68,8 +68,11 @@ def main():
     ref.load_state_dict(ours.state_dict())
     ref.eval()
     compile = not args.no_compile
-    eager = Engine(ours, max_batch=1, cache_gb=args.cache_gb) if compile else None
-    engine = Engine(ours, max_batch=max(args.concurrency), cache_gb=args.cache_gb, compile=compile)
+    # no prefix caching: every round repeats its prompts, and a cache hit would skip the prefill being measured
+    # (bench/prefix.py measures the cache)
+    eager = Engine(ours, max_batch=1, cache_gb=args.cache_gb, prefix_caching=False) if compile else None
+    engine = Engine(ours, max_batch=max(args.concurrency), cache_gb=args.cache_gb, compile=compile,
+                    prefix_caching=False)
     greedy = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"greedy generation, {args.preset} ({ours.num_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}), "
@@ -114,7 +117,8 @@ def main():
         if e is not None:
             e.close()
     if not args.no_int8 and args.device == "cpu":
-        int8 = Engine(copy.deepcopy(ours), quantize="int8", max_batch=1, cache_gb=args.cache_gb, compile=compile)
+        int8 = Engine(copy.deepcopy(ours), quantize="int8", max_batch=1, cache_gb=args.cache_gb, compile=compile,
+                      prefix_caching=False)
         prompt = make_prompts([16])
         row("decode b1, ours int8", args.new, lambda: int8.generate(prompt, greedy),
             lambda: hf_generate(ref, prompt, args.new))
