@@ -1,6 +1,6 @@
 """The speedrun: the whole Apertus pipeline on the embedded corpus in one command, then a report.
 
-    apertus speedrun --out runs/demo                 # ~27 minutes on 2 AVX2 cores, less with bf16 units
+    apertus speedrun --out runs/demo                 # 14 minutes on 2 cores with bf16 units, ~29 on AVX2
     apertus speedrun --budget hour --out runs/hour   # twice the pretraining tokens and SFT data: ~1 hour
     apertus speedrun --smoke --out /tmp/smoke        # every stage, a few steps each (CI)
     apertus speedrun --out runs/demo --stages sft,eval   # rerun some stages (later ones read their outputs)
