@@ -82,7 +82,7 @@ HOUR = FULL | {
 }
 BUDGETS = {"demo": FULL, "hour": HOUR}
 SMOKE = {
-    "vocab_size": 2048, "tokenizer_mb": 1.0, "minutes": 10, "fertility_langs": FERTILITY_LANGS,
+    "vocab_size": 2048, "tokenizer_mb": 1.0, "fertility_langs": FERTILITY_LANGS,
     # a few documents of a few languages: the stages take every language (no stage's languages would be there)
     "data": {"limits": {"udhr": 20, "flores": 60, "gsm8k": 100, "code": 10}, "tasks": 2, "all_languages": True},
     "pretrain": ["stages.0.steps=4", "stages.1.steps=2", "train.seq_len=128", "train.global_batch_tokens=1024",

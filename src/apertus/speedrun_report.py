@@ -195,12 +195,14 @@ def _effects(run: Path) -> list[str]:
         rows.append(f"| QRPO | held-out mean reward (the rule reward it optimises) | {q:.3f} ± {q_se:.3f} | "
                     f"SFT {r:.3f} ± {r_se:.3f} | above SFT by > 2 standard errors: {_verdict(moved)} |")
         if not moved:
-            notes.append(f"QRPO did not move its reward beyond the noise of {len(pol)} held-out samples: the SFT "
-                         f"model already writes the format term of the reward in {100 * _format_rate(ref):.0f}% of "
-                         "its samples, and a model of this size almost never finds the right number (the "
-                         "correctness term), so too little is left to optimise for this budget to show. "
-                         "runs/posttrain_results.md is the longer experiment, from a weaker SFT model, over two "
-                         "seeds.")
+            fell = r - q > 2 * math.hypot(r_se, q_se)
+            rate = _format_rate(ref)
+            why = (f": the SFT model already writes the reward's format term in {100 * rate:.0f}% of its samples and a "
+                   "model of this size almost never finds the right number (its correctness term), so the pairs "
+                   "differ mostly in how close a guessed number is") if rate >= 0.9 else ""
+            verb = "lowered" if fell else "did not raise"
+            notes.append(f"QRPO {verb} its held-out reward ({len(pol)} samples){why}. This budget cannot show QRPO's "
+                         "effect; runs/posttrain_results.md is the longer experiment, over two seeds.")
     state = _read(run / "speedrun.json")
     if len(rows) > 2 and state and not state["mode"]["smoke"]:
         from .speedrun import BUDGETS
