@@ -309,6 +309,7 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
     if state["mode"] != mode:
         raise ValueError(f"{run} holds a speedrun with {state['mode']} (not {mode}); choose another --out")
     sizes = SMOKE if smoke else BUDGETS[budget]
+    state["aim_minutes"] = sizes.get("minutes")  # the report marks the run's time against it
     from .train.recipe import fast_dtype
 
     if fast_dtype() == "fp32":
