@@ -43,6 +43,17 @@ def hf_generate(model, prompts, new: int, **kw):
     assert out.shape[1] == width + new
 
 
+def build_pair(cfg, device, dtype):
+    """Our model and transformers' ApertusForCausalLM with the same random weights, both in eval mode (also used by
+    bench/gpu.py)."""
+    ours = build_model(cfg, device=device, dtype=dtype, seed=0).eval()
+    with torch.device(device):
+        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf_dict()),
+                                                            dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref.eval()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
@@ -61,12 +72,7 @@ def main():
     dtype = parse_dtype(args.dtype)
     cfg = preset(args.preset)
     g = torch.Generator().manual_seed(0)
-    ours = build_model(cfg, device=args.device, dtype=dtype, seed=0)
-    with torch.device(args.device):
-        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf_dict()),
-                                                            dtype=dtype)
-    ref.load_state_dict(ours.state_dict())
-    ref.eval()
+    ours, ref = build_pair(cfg, args.device, dtype)
     compile = not args.no_compile
     # no prefix caching: every round repeats its prompts, and a cache hit would skip the prefill being measured
     # (bench/prefix.py measures the cache)

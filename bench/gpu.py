@@ -26,10 +26,9 @@ import sys
 import time
 
 import torch
-import transformers
 from _log import BenchLog, ratio
 from _timing import interleaved
-from engine import hf_generate
+from engine import build_pair, hf_generate
 from train import ours_step
 
 from apertus import build_model, preset
@@ -157,18 +156,6 @@ def fsdp_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
         dist.destroy_process_group()
 
 
-def build_pair(size: Size, device):
-    """Our model and transformers' ApertusForCausalLM with the same random weights (bf16 on CUDA, fp32 on CPU)."""
-    cfg = config_of(size.infer)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ours = build_model(cfg, device=device, dtype=dtype, seed=0).eval()
-    with torch.device(device):
-        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf_dict()),
-                                                            dtype=dtype)
-    ref.load_state_dict(ours.state_dict())
-    return cfg, ours, ref.eval()
-
-
 def parity_section(size: Size, device, pair) -> dict:
     cfg, ours, ref = pair
     ids = torch.randint(0, cfg.vocab_size, size.parity_shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -254,8 +241,9 @@ def main(argv=None) -> int:
         result = measurements[name] = {"status": "running"}
         t = time.perf_counter()
         try:
-            if name in ("parity", "engine") and pair is None:
-                pair = build_pair(size, device)
+            if name in ("parity", "engine") and pair is None:  # same random weights; bf16 on CUDA, fp32 on CPU
+                cfg = config_of(size.infer)
+                pair = (cfg, *build_pair(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32))
             if name == "train":
                 result.update(train_section(size, device, compile, peak))
             elif name == "fsdp":
