@@ -122,11 +122,20 @@ def time_steps(model, opt, cfg, size: Size, device, peak_flops: float) -> dict:
             "losses": losses, "peak_memory_gib": peak_gib(device)}
 
 
-def train_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
+def train_setup(size: Size, device, compile: bool, fsdp: bool = False, param_dtype=None):
+    """The train and fsdp sections' model (blocks through `parallelize`; with `fsdp`, then sharded by `shard` in
+    `param_dtype`) and its AdEMAMix optimizer, built after sharding so that it holds the sharded parameters."""
     cfg = config_of(size.train)
     model = build_model(cfg, device=device, seed=0).train()
     parallelize(model, Dist(device=device), compile=compile)
+    if fsdp:
+        shard(model, param_dtype)
     opt = build_optimizer(model, "ademamix", lr=1e-3, weight_decay=0.1, t_alpha=1000, t_beta3=1000)
+    return cfg, model, opt
+
+
+def train_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
+    cfg, model, opt = train_setup(size, device, compile)
     return {"model": size.train, "compiled": compile, **time_steps(model, opt, cfg, size, device, peak_flops)}
 
 
@@ -139,15 +148,11 @@ def fsdp_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                             device_id=device if cuda else None)
     try:
-        cfg = config_of(size.train)
-        model = build_model(cfg, device=device, seed=0).train()
-        parallelize(model, Dist(device=device), compile=compile)
         param_dtype = torch.bfloat16 if cuda else None
-        shard(model, param_dtype)
+        cfg, model, opt = train_setup(size, device, compile, fsdp=True, param_dtype=param_dtype)
         sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
         if sharded != len(list(model.parameters())):
             raise RuntimeError(f"fsdp: only {sharded} parameters are DTensors after fully_shard")
-        opt = build_optimizer(model, "ademamix", lr=1e-3, weight_decay=0.1, t_alpha=1000, t_beta3=1000)
         out = time_steps(model, opt, cfg, size, device, peak_flops)
         return {"model": size.train, "world_size": dist.get_world_size(), "backend": dist.get_backend(),
                 "compiled": compile, "param_dtype": str(param_dtype)[6:] if param_dtype else "fp32",
