@@ -293,7 +293,7 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
              budget: str = "demo") -> Path:
     """Run (or resume) the speedrun into `out`; `stages` reruns just those; `budget` is "demo" (the default) or
     "hour" (more tokens in every training stage, see HOUR). Returns the report's path."""
-    from .speedrun_report import write_report
+    from .speedrun_report import total_seconds, write_report
 
     run = Path(out).resolve()
     run.mkdir(parents=True, exist_ok=True)
@@ -344,6 +344,5 @@ def speedrun(out: str | Path, smoke: bool = False, tokenizer: str = "train", sta
         atomic_write_json(folder / "DONE", result)
         print(f"== {name} finished in {hms(result['seconds'])} ({result['tokens']:,} tokens)", flush=True)
     report = write_report(run)
-    total = sum(s["seconds"] for s in state["stages"].values())
-    print(f"\nspeedrun finished: {hms(total)} of stage time in all; report: {report}")
+    print(f"\nspeedrun finished: {hms(total_seconds(state))} of stage time in all; report: {report}")
     return report

@@ -39,6 +39,11 @@ def _system() -> list[str]:
             "- " + ", ".join(versions)]
 
 
+def total_seconds(state: dict) -> float:
+    """The seconds of every finished stage of a speedrun.json state, added up."""
+    return sum(r["seconds"] for r in state.get("stages", {}).values())
+
+
 def _stage_table(state: dict) -> list[str]:
     rows = ["| stage | time (m:s) | tokens | notes |", "|---|---:|---:|---|"]
     notes = {"tokenizer": lambda r: f"vocabulary {r.get('vocab_size', 0):,}, trained on "
@@ -49,8 +54,7 @@ def _stage_table(state: dict) -> list[str]:
     for name, r in state.get("stages", {}).items():
         note = notes.get(name, lambda r: "")(r)
         rows.append(f"| {name} | {hms(r['seconds'])} | {r.get('tokens', 0):,} | {note} |")
-    total = sum(r["seconds"] for r in state.get("stages", {}).values())
-    rows.append(f"| **total** | **{hms(total)}** | | |")
+    rows.append(f"| **total** | **{hms(total_seconds(state))}** | | |")
     return rows
 
 
@@ -191,11 +195,12 @@ def _effects(run: Path) -> list[str]:
                     f"{100 * rate:.0f}% of {len(ref)} | base model: no chat format | ≥ 90%: {_verdict(rate >= 0.9)} |")
     if ref and pol:
         (r, r_se), (q, q_se) = _mean_stderr([x["reward"] for x in ref]), _mean_stderr([x["reward"] for x in pol])
-        moved = q - r > 2 * math.hypot(r_se, q_se)
+        spread = 2 * math.hypot(r_se, q_se)  # two standard errors of the difference
+        moved = q - r > spread
         rows.append(f"| QRPO | held-out mean reward (the rule reward it optimises) | {q:.3f} ± {q_se:.3f} | "
                     f"SFT {r:.3f} ± {r_se:.3f} | above SFT by > 2 standard errors: {_verdict(moved)} |")
         if not moved:
-            fell = r - q > 2 * math.hypot(r_se, q_se)
+            fell = r - q > spread
             rate = _format_rate(ref)
             why = (f": the SFT model already writes the reward's format term in {100 * rate:.0f}% of its samples and a "
                    "model of this size almost never finds the right number (its correctness term), so the pairs "
@@ -206,7 +211,7 @@ def _effects(run: Path) -> list[str]:
     state = _read(run / "speedrun.json")
     minutes = state and state.get("aim_minutes")  # the budget's aim, recorded by the run (none for --smoke)
     if len(rows) > 2 and minutes:
-        total = sum(r["seconds"] for r in state["stages"].values())
+        total = total_seconds(state)
         rows.append(f"| all | time of every stage, on this machine (above) | {hms(total)} | — | ≤ {minutes} minutes on "
                     f"2 cores: {_verdict(total <= 60 * minutes)} |")
     if len(rows) == 2:
