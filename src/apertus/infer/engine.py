@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 import threading
 from collections import deque
 from pathlib import Path
@@ -180,6 +181,13 @@ def _compile_cached(warm_up) -> dict:
         how = f"{hits} of {hits + misses} graphs from cache {where}"
     return dict(seconds=seconds, cache_dir=path, cache_hits=hits, cache_misses=misses,
                 message=f"compiled in {seconds:.1f} s ({how})")
+
+
+def print_compile_info(engine: Engine, prog: str) -> None:
+    """`--compile`'s start-up line on stderr, "PROG: compiled in ... s (...)", for `apertus generate`, `chat` and
+    `serve`; nothing when the engine was not compiled. (The engine itself only logs the message, at INFO.)"""
+    if engine.compile_info:
+        print(f"{prog}: {engine.compile_info['message']}", file=sys.stderr, flush=True)
 
 
 class Engine:
