@@ -112,6 +112,32 @@ def test_resume_after_sigkill_and_after_a_kill_during_a_checkpoint_write_is_bitw
     assert losses(run) == losses(straight)  # the metrics file reads like the uninterrupted run's
 
 
+@pytest.mark.slow
+def test_compiled_step_matches_eager_over_50_steps_and_resumes_bitwise(tmp_path):
+    """`train.compile`: compiled blocks, chunked loss and AdEMAMix update, in bf16 autocast. Over 50 steps its losses
+    are the eager step's to bf16 tolerance, and a compiled run killed after a checkpoint resumes to the same weights
+    and losses, bit for bit, as the compiled run that never stopped."""
+    train = {"steps": 50, "goldfish_k": 4, "goldfish_h": 3, "dtype": "bf16", "log_every": 1}
+    recipes = {name: {"train": train | {"compile": name == "compiled"}, "checkpoint": {"every": 10, "keep_last": 1}}
+               for name in ("eager", "compiled")}
+    for name, recipe in recipes.items():
+        run_child({"out": str(tmp_path / name), "recipe": recipe})
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 50 and eager[-1] < eager[0] - 0.5  # it learns: the comparison means something
+    # bf16 rounding differs between eager and inductor kernels, and 50 steps amplify it (measured: 0.6% on average,
+    # 2.2% at most; the eager bf16 run is 0.35% from the fp32 one on average)
+    rel = [abs(a - b) / a for a, b in zip(eager, compiled, strict=True)]
+    assert sum(rel) / len(rel) < 1.5e-2 and max(rel) < 5e-2
+    resumed, ckpts = tmp_path / "resumed", tmp_path / "resumed" / "checkpoints"
+    proc = run_child({"out": str(resumed), "recipe": recipes["compiled"], "slow": 0.05}, wait=False)
+    wait_for(ckpts / "step_00000020" / "state.json", proc, timeout=240)
+    kill(proc)
+    assert max(steps_of(resumed)) < 50
+    run_child({"out": str(resumed), "recipe": recipes["compiled"]})
+    assert_bitwise_equal(final_weights(resumed, tmp_path), final_weights(tmp_path / "compiled", tmp_path))
+    assert losses(resumed) == compiled
+
+
 def _fresh_model_and_optimizer():
     recipe = parse_recipe(train_data.tiny_recipe(**RECIPE["train"]))
     model = build_model_for(recipe.model, Dist())

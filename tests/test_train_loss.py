@@ -76,14 +76,15 @@ def test_goldfish_depends_only_on_the_preceding_window():
     assert torch.equal(ka[123 + 49:], kb[77 + 49:])
 
 
-def test_linear_cross_entropy_equals_torch_values_and_gradients():
+@pytest.mark.parametrize("compile", [False, True])
+def test_linear_cross_entropy_equals_torch_values_and_gradients(compile):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 150, 32, generator=g, requires_grad=True)
     w = torch.randn(777, 32, generator=g, requires_grad=True)
     y = torch.randint(0, 777, (2, 150), generator=g)
     y[0, :5] = -100  # ignored labels count as masked
     mask = torch.rand(2, 150, generator=g) > 0.3
-    loss = linear_cross_entropy(h, w, y, mask, chunk_rows=64)  # 300 rows in 5 chunks
+    loss = linear_cross_entropy(h, w, y, mask, chunk_rows=64, compile=compile)  # 300 rows in 5 chunks
     loss.backward()
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ce = F.cross_entropy((h2 @ w2.T).flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100)
@@ -103,12 +104,20 @@ def test_linear_cross_entropy_in_bf16_autocast_is_close_and_keeps_fp32_grads():
     h = torch.randn(256, 64, generator=g, requires_grad=True)
     w = (0.1 * torch.randn(1000, 64, generator=g)).requires_grad_()
     y = torch.randint(0, 1000, (256,), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = linear_cross_entropy(h, w, y, chunk_rows=100)
-    loss.backward()
-    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
-    ref = F.cross_entropy(h.detach() @ w.detach().T, y, reduction="sum")
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    grads = []
+    for compile in (False, True):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(h, w, y, chunk_rows=100, compile=compile)
+        loss.backward()
+        assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+        ref = F.cross_entropy(h.detach() @ w.detach().T, y, reduction="sum")
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+        grads.append((loss.detach(), h.grad, w.grad))
+    # the compiled chunks (fused passes, the one-hot as a comparison) against eager: the same bf16 products
+    (l0, h0, w0), (l1, h1, w1) = grads
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-5)
+    assert torch.allclose(h1, h0, atol=1e-3, rtol=1e-2) and torch.allclose(w1, w0, atol=1e-3, rtol=1e-2)
 
 
 def test_lm_loss_counts_loss_mask_and_goldfish():

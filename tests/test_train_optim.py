@@ -39,8 +39,9 @@ def paper_ademamix(params, grads_per_step, lr, betas, alpha, T_alpha, T_beta3, e
     return params
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["foreach", "compiled"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-def test_ademamix_equals_paper_transcription_over_200_steps(dtype, tol):
+def test_ademamix_equals_paper_transcription_over_200_steps(dtype, tol, compile):
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (13,), (3, 4, 2), (1,)]
     params = [(0.1 * torch.randn(s, generator=g)).to(dtype) for s in shapes]
@@ -49,7 +50,7 @@ def test_ademamix_equals_paper_transcription_over_200_steps(dtype, tol):
     wds = [0.1, 0.0, 0.1, 0.0]  # two groups: decayed and not
     ours = [p.clone().requires_grad_() for p in params]
     opt = AdEMAMix([{"params": [ours[0], ours[2]], "weight_decay": 0.1}, {"params": [ours[1], ours[3]]}], lr=lr,
-                   betas=betas, alpha=alpha, t_alpha=60, t_beta3=150, eps=eps)
+                   betas=betas, alpha=alpha, t_alpha=60, t_beta3=150, eps=eps, compile=compile)
     for step_grads in grads:
         for p, gr in zip(ours, step_grads, strict=True):
             p.grad = gr.clone()
@@ -62,12 +63,13 @@ def test_ademamix_equals_paper_transcription_over_200_steps(dtype, tol):
     assert min((a.detach() - p).abs().max().item() for a, p in zip(ours, params, strict=True)) > 1e-2
 
 
-def test_ademamix_without_fast_ema_and_without_warmups():
+@pytest.mark.parametrize("compile", [False, True], ids=["foreach", "compiled"])
+def test_ademamix_without_fast_ema_and_without_warmups(compile):
     g = torch.Generator().manual_seed(1)
     p0 = torch.randn(6, 3, generator=g, dtype=torch.float64)
     grads = [[torch.randn(6, 3, generator=g, dtype=torch.float64)] for _ in range(20)]
     p = p0.clone().requires_grad_()
-    opt = AdEMAMix([p], lr=1e-2, betas=(0.0, 0.99, 0.999), alpha=2.0)
+    opt = AdEMAMix([p], lr=1e-2, betas=(0.0, 0.99, 0.999), alpha=2.0, compile=compile)
     for (gr,) in grads:
         p.grad = gr.clone()
         opt.step()

@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +43,30 @@ def test_sha256_and_durations(tmp_path):
     (tmp_path / "b").write_bytes(data)
     assert sha256_file(tmp_path / "b") == hashlib.sha256(data).hexdigest()
     assert [hms(0), hms(59.6), hms(382), hms(3 * 3600 + 5)] == ["0:00:00", "0:01:00", "0:06:22", "3:00:05"]
+
+
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGE_PAGES_USED = """
+import apertus, torch
+def huge_kb():
+    return sum(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+before = huge_kb()
+x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+print(huge_kb() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(THP) or "[never]" in open(THP).read(), reason="no transparent huge pages")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_import_apertus_puts_large_tensors_on_huge_pages_unless_told_not_to(setting):
+    """`import apertus` (before torch) turns on PyTorch's huge-page allocation of large buffers; THP_MEM_ALLOC_ENABLE=0
+    keeps 4 KB pages."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_USED], env=env, capture_output=True, text=True, check=True)
+    huge_kb = int(out.stdout.split()[-1])
+    if setting is None:
+        assert huge_kb >= 32 * 1024
+    elif "[madvise]" in open(THP).read():  # (with [always] the kernel uses huge pages whatever the process asks)
+        assert huge_kb < 4 * 1024

@@ -284,12 +284,13 @@ def pretrain(recipe: Recipe, out_dir: str | Path, d: Dist | None = None,
         token_bytes = token_byte_lengths(tokenizer, recipe.model.vocab_size)
     _save_run_files(recipe, out, d, tokenizer)
     model = training_model(recipe, d)
-    optimizer = make_optimizer(model, recipe.optim, recipe.steps)
+    optimizer = make_optimizer(model, recipe.optim, recipe.steps, compile=t.compile)
     source = PretrainSource(recipe, model, d, make_loader)
     goldfish = (t.goldfish_k, t.goldfish_h) if t.goldfish_k else None
 
     def loss_fn(model, batch):
-        return lm_loss(model, batch, goldfish=goldfish, document_masking=source.stage.document_masking)
+        return lm_loss(model, batch, goldfish=goldfish, document_masking=source.stage.document_masking,
+                       compile=t.compile)
 
     validate = make_validate(val_batches, token_bytes, d) if val_batches else None
     if validate and recipe.eval.prompts and tokenizer and not d.sharded:

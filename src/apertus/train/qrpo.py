@@ -473,7 +473,7 @@ def align(recipe: AlignRecipe, out_dir: str | Path, d: Dist | None = None) -> di
         (out / "align_data.json").write_text(json.dumps(stats, indent=1))
 
     model = training_model(recipe, d)
-    optimizer = make_optimizer(model, o, steps)
+    optimizer = make_optimizer(model, o, steps, compile=t.compile)
     source = RowSource(len(pairs), t.batch_size, t.micro_batch, d, t.seed,
                        lambda idx: pair_batch([pairs[i] for i in idx]))
 

@@ -77,10 +77,11 @@ class Optim:
     weight_decay: float = 0.1
 
 
-def make_optimizer(model, o: Optim, steps: int):
-    """The recipe's optimizer for a run of `steps` optimizer steps (the α and β3 warmups default to all of them)."""
+def make_optimizer(model, o: Optim, steps: int, compile: bool = False):
+    """The recipe's optimizer for a run of `steps` optimizer steps (the α and β3 warmups default to all of them);
+    `compile` ([train] compile) fuses its update."""
     return build_optimizer(model, o.name, lr=o.lr, betas=o.betas, alpha=o.alpha, t_alpha=o.t_alpha or steps,
-                           t_beta3=o.t_beta3 or steps, eps=o.eps, weight_decay=o.weight_decay)
+                           t_beta3=o.t_beta3 or steps, eps=o.eps, weight_decay=o.weight_decay, compile=compile)
 
 
 def loop_config(name: str, out, steps: int, lr, t: Train, ck: Checkpoint, flops_per_token,

@@ -199,12 +199,12 @@ def sft(recipe: SFTRecipe, out_dir: str | Path, d: Dist | None = None) -> dict:
         (out / "sft_data.json").write_text(json.dumps(stats, indent=1))
 
     model = training_model(recipe, d)
-    optimizer = make_optimizer(model, o, steps)
+    optimizer = make_optimizer(model, o, steps, compile=t.compile)
     source = RowSource(len(rows), t.batch_size, t.micro_batch, d, t.seed,
                        lambda idx: collate(examples, [rows[i] for i in idx]))
 
     def loss_fn(model, batch):
-        return lm_loss(model, batch, goldfish=None, document_masking=True)
+        return lm_loss(model, batch, goldfish=None, document_masking=True, compile=t.compile)
 
     cfg = loop_config("sft", out, steps, schedule(o, steps), t, recipe.checkpoint, model.config.flops_per_token,
                       t.val_every)
