@@ -23,6 +23,7 @@ The log (bench/_log.py) goes to bench/results/train-<shape>-<batch>x<seq>-<dtype
 import argparse
 import dataclasses
 import tempfile
+import time
 
 # isort: off
 import apertus  # noqa: F401  (before torch: it sets the allocator's environment that torch reads as it loads)
@@ -70,6 +71,36 @@ def ours_step(model, opt, batch, bf16: bool, compile: bool) -> torch.Tensor:
     return loss.detach()
 
 
+def profile_parts(model, opt, batch, bf16: bool, compile: bool, steps: int = 3) -> dict:
+    """Seconds per part of our step (mean of `steps` after two warm-up steps): embedding and blocks forward, the
+    output layer and loss (with its gradients, computed in forward), backward through the blocks, clipping,
+    optimizer update."""
+    from apertus.model import document_mask
+    from apertus.train.loss import goldfish_mask, linear_cross_entropy
+
+    parts = dict.fromkeys(("forward", "output layer + loss", "backward", "clip", "optimizer"), 0.0)
+    for step in range(steps + 2):
+        t = [time.perf_counter()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pos = batch["position_ids"]
+            hidden = model.hidden_states(batch["input_ids"], position_ids=pos, attn_mask=document_mask(pos))
+            t.append(time.perf_counter())
+            mask = batch["loss_mask"] & goldfish_mask(batch["labels"])
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, batch["labels"], mask, compile=compile)
+        t.append(time.perf_counter())
+        (loss / mask.sum()).backward()
+        t.append(time.perf_counter())
+        clip_grad_norm_(list(model.parameters()), 1.0)
+        t.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        if step >= 2:
+            for k, a, b in zip(parts, t[:-1], t[1:], strict=True):
+                parts[k] += (b - a) / steps
+    return parts
+
+
 def hf_step(model, opt, batch, bf16: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -102,6 +133,9 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sides", help=f"comma-separated, from: {', '.join(SIDES)}")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: seconds per part of our eager and compiled steps (THP_MEM_ALLOC_ENABLE=0 to see "
+                         "the step on 4 KB pages)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                     help="bf16 autocast or fp32 (auto: bf16 where bf16 matrix products are fast)")
     args = ap.parse_args()
@@ -114,7 +148,10 @@ def main():
     log = BenchLog("train", [args.shape, f"{args.batch}x{args.seq}", dtype])
     cfg = dataclasses.replace(preset("tiny"), **SHAPES[args.shape])
     ours_batch, hf_batch = batches(cfg, args.batch, args.seq)
-    fns, params = {}, cfg.num_params()
+    params = cfg.num_params()
+    if args.profile:
+        return profile(args, cfg, ours_batch, bf16, dtype)
+    fns = {}
     with tempfile.TemporaryDirectory() as d:
         save_model(build_model(cfg, seed=0), d)
         for side in sides:
@@ -170,6 +207,26 @@ def main():
                "rounds": args.rounds, "dtype": dtype, "matmul_peak_flops": peak, "sides": sides,
                "peer_setup": PEER_SETUP, "seconds_per_step": t,
                "mfu": {name: flops / sec / peak for name, sec in t.items()}})
+
+
+def profile(args, cfg, batch, bf16: bool, dtype: str):
+    import os
+
+    small_pages = os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    log = BenchLog("train", [args.shape, f"{args.batch}x{args.seq}", dtype, "profile", "4k" if small_pages else ""])
+    result = {}
+    for compile in (False, True):
+        model = parallelize(build_model(cfg, seed=0).train(), Dist(), compile=compile)
+        opt = build_optimizer(model, "ademamix", lr=1e-4, weight_decay=0.1, t_alpha=1000, t_beta3=1000,
+                              compile=compile)
+        name = f"{'compiled' if compile else 'eager'}, {'4 KB pages' if small_pages else 'huge pages'}"
+        result[name] = profile_parts(model, opt, batch, bf16, compile)
+        del model, opt
+    print(f"seconds per part of our step, {args.shape}, {args.batch} x {args.seq}, {dtype}")
+    for name, parts in result.items():
+        print(f"{name:24} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items())
+              + f"  total {sum(parts.values()):.3f}")
+    log.write({"shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": dtype, "seconds_per_part": result})
 
 
 if __name__ == "__main__":
