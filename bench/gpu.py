@@ -6,8 +6,9 @@
 Sections (each a key of the log, with "status": ok / failed / interrupted / pending, and its "seconds"):
 - parity: our model against transformers' ApertusForCausalLM, same random weights (the inference model, bf16 on CUDA,
   fp32 on CPU): max and mean |logit difference|, argmax agreement, and whether tests/test_model.py's tolerance holds.
-- train: training steps (forward, backward, clipping, AdEMAMix) of a ~1B model (`ONE_B`), bf16 autocast over fp32
-  master weights, blocks through torch.compile as `parallelize(compile=True)` does; tokens/s and MFU.
+- train: training steps (forward, backward, clipping, AdEMAMix; Goldfish mask and document masking on) of a ~1B model
+  (`ONE_B`), bf16 autocast over fp32 master weights, blocks, chunked loss and AdEMAMix update through torch.compile
+  as a recipe's `compile = true` does (bench/train.py's step); tokens/s and MFU.
 - fsdp: the same steps with the model sharded by FSDP2 (`apertus.train.distributed.shard`, bf16 parameters) in a
   single-rank process group (NCCL on CUDA, gloo on CPU) created in this process: the sharded code path, world size 1.
 - engine: our engine (compiled) against transformers' `generate` with a static cache (which transformers compiles
@@ -29,7 +30,7 @@ import torch
 from _log import BenchLog, ratio
 from _timing import interleaved
 from engine import build_pair, hf_generate
-from train import ours_step
+from train import batches, ours_step
 
 from apertus import build_model, preset
 from apertus.infer import Engine, SamplingParams
@@ -95,17 +96,15 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None
 
 
-def time_steps(model, opt, cfg, size: Size, device, peak_flops: float) -> dict:
+def time_steps(model, opt, cfg, size: Size, device, peak_flops: float, compile: bool) -> dict:
     """`size.warmup` steps (compilation), then `size.steps` timed ones, on one fixed random batch (its loss falls)."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (size.batch, size.seq + 1), generator=g).to(device)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones_like(ids[:, 1:], dtype=bool)}
+    batch = {k: v.to(device) for k, v in batches(cfg, size.batch, size.seq)[0].items()}  # Goldfish, documents
     bf16 = device.type == "cuda"  # fp32 on CPU: the smoke run's CPU may have no bf16 matrix units
     losses, seconds = [], []
     for i in range(size.warmup + size.steps):
         sync(device)
         t = time.perf_counter()
-        loss = ours_step(model, opt, batch, bf16)
+        loss = ours_step(model, opt, batch, bf16, compile)
         sync(device)
         if i >= size.warmup:
             seconds.append(time.perf_counter() - t)
@@ -130,13 +129,13 @@ def train_setup(size: Size, device, compile: bool, fsdp: bool = False, param_dty
     parallelize(model, Dist(device=device), compile=compile)
     if fsdp:
         shard(model, param_dtype)
-    opt = build_optimizer(model, "ademamix", lr=1e-3, weight_decay=0.1, t_alpha=1000, t_beta3=1000)
+    opt = build_optimizer(model, "ademamix", lr=1e-3, weight_decay=0.1, t_alpha=1000, t_beta3=1000, compile=compile)
     return cfg, model, opt
 
 
 def train_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
     cfg, model, opt = train_setup(size, device, compile)
-    return {"model": size.train, "compiled": compile, **time_steps(model, opt, cfg, size, device, peak_flops)}
+    return {"model": size.train, "compiled": compile, **time_steps(model, opt, cfg, size, device, peak_flops, compile)}
 
 
 def fsdp_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
@@ -153,7 +152,7 @@ def fsdp_section(size: Size, device, compile: bool, peak_flops: float) -> dict:
         sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
         if sharded != len(list(model.parameters())):
             raise RuntimeError(f"fsdp: only {sharded} parameters are DTensors after fully_shard")
-        out = time_steps(model, opt, cfg, size, device, peak_flops)
+        out = time_steps(model, opt, cfg, size, device, peak_flops, compile)
         return {"model": size.train, "world_size": dist.get_world_size(), "backend": dist.get_backend(),
                 "compiled": compile, "param_dtype": str(param_dtype)[6:] if param_dtype else "fp32",
                 "sharded_parameters": sharded, **out}

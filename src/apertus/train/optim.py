@@ -129,9 +129,10 @@ def _update_compiled(params, grads, fast, slow, sq, *, lr, wd, eps, beta1, beta2
     s = torch.tensor([beta3, 1 - beta3, beta2, 1 - beta2, beta1, 1 - beta1, alpha, 1 / correction1, correction2, eps,
                       1 - lr * wd, lr], dtype=torch.promote_types(params[0].dtype, torch.float32),
                      device=params[0].device)
-    flat = [[_local(t).view(-1) for t in ts] for ts in (params, grads, slow, sq)]
-    for i, (p, g, m2, nu) in enumerate(zip(*flat, strict=True)):
-        _update_one_compiled(p, g, None if fast is None else _local(fast[i]).view(-1), m2, nu, s)
+    flat = [[_local(t).view(-1) for t in ts] for ts in (params, slow, sq)]  # views: updated in place
+    for i, (p, m2, nu) in enumerate(zip(*flat, strict=True)):
+        m1 = None if fast is None else _local(fast[i]).view(-1)
+        _update_one_compiled(p, _local(grads[i]).reshape(-1), m1, m2, nu, s)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
