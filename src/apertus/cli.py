@@ -441,7 +441,7 @@ def add_speedrun_commands(sub) -> None:
     s.add_argument("--smoke", action="store_true", help="a few steps per stage (CI; about two minutes)")
     s.add_argument("--budget", choices=["demo", "hour"], default="demo",
                    help="demo (default): the quick run; hour: twice the pretraining tokens, SFT conversations and "
-                   "QRPO prompts, larger evaluations (about an hour on 2 AVX2 cores)")
+                   "QRPO prompts, larger evaluations (aimed at an hour on 2 cores)")
     s.add_argument("--tokenizer", choices=["train", "apertus"], default="train",
                    help="train a small BPE on the corpus (default) or use the released Apertus tokenizer (slower)")
     s.add_argument("--stages", type=csv, help="comma-separated stages to (re)run: tokenizer, data, pretrain, sft, "
