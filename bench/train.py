@@ -22,6 +22,7 @@ The log (bench/_log.py) goes to bench/results/train-<shape>-<batch>x<seq>-<dtype
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 
@@ -210,8 +211,6 @@ def main():
 
 
 def profile(args, cfg, batch, bf16: bool, dtype: str):
-    import os
-
     small_pages = os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
     log = BenchLog("train", [args.shape, f"{args.batch}x{args.seq}", dtype, "profile", "4k" if small_pages else ""])
     result = {}
