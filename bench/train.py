@@ -32,24 +32,16 @@ import apertus  # noqa: F401  (before torch: it sets the allocator's environment
 import torch
 import transformers
 from _log import BenchLog, ratio
+from _shapes import shape_config
 from _timing import interleaved
 
-from apertus import build_model, load_model, preset, save_model
+from apertus import build_model, load_model, save_model
 from apertus.model import packed_position_ids
 from apertus.train.distributed import Dist, clip_grad_norm_, parallelize
 from apertus.train.loss import lm_loss
 from apertus.train.optim import build_optimizer
 from apertus.train.recipe import fast_dtype
 
-# The speedrun's model, and two shapes with the real Apertus vocabulary, where the output layer and its loss weigh as
-# they do in the 8B model (131,072 × 4,096 of its 8B parameters).
-SHAPES = {
-    "tiny": {},
-    "74m": dict(vocab_size=131072, hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                intermediate_size=1344),
-    "150m": dict(vocab_size=131072, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, intermediate_size=4032),
-}
 SIDES = ("transformers", "transformers+compile", "transformers+compile+AdEMAMix", "apertus", "apertus+compile",
          "apertus+compile+AdamW")
 # ~6 GB per side at 150m (fp32 weights, gradients and two or three optimizer states of 0.3B parameters): the
@@ -129,7 +121,7 @@ def batches(cfg, batch: int, seq: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    ap.add_argument("--shape", choices=["tiny", "74m", "150m"], default="tiny")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
@@ -147,7 +139,7 @@ def main():
     bf16 = dtype == "bf16"
     how = "bf16 autocast" if bf16 else "fp32"
     log = BenchLog("train", [args.shape, f"{args.batch}x{args.seq}", dtype])
-    cfg = dataclasses.replace(preset("tiny"), **SHAPES[args.shape])
+    cfg = shape_config(args.shape)
     ours_batch, hf_batch = batches(cfg, args.batch, args.seq)
     params = cfg.num_params()
     if args.profile:

@@ -1,6 +1,7 @@
 """The model against transformers' ApertusForCausalLM (the reference we did not write), both directions."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from apertus import ApertusConfig, build_model, load_model, preset, save_model
-from apertus.model import document_mask, packed_position_ids, single_query_attention
+from apertus.model import Linear, document_mask, packed_position_ids, single_query_attention
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -240,6 +241,27 @@ def test_single_query_attention_equals_sdpa_with_gqa_and_masks(dtype, tol):
         out = single_query_attention(q, k, v, mask)
         assert out.shape == (B, 1, H * D)
         assert (out.float() - ref.transpose(1, 2).reshape(B, 1, H * D).float()).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_compiled_one_row_linear_is_a_weight_bound_loop_equal_to_the_gemm(dtype, tol):
+    """Decoding one row under torch.compile on CPU, model.Linear is inductor's own multiply-and-sum loop (no call to
+    a GEMM library), split in pieces when the sum is longer than 4,096; several rows stay one GEMM."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    for k in (96, 5000):  # 5,000 = 2 pieces of 2,500
+        layer = Linear(k, 40, bias=False).to(dtype)
+        layer.weight.data = torch.randn(40, k, generator=g).to(dtype) / k**0.5
+        for rows in ((1, 1, k), (3, k)):
+            x = torch.randn(*rows, generator=g).to(dtype)
+            out, code = run_and_get_code(torch.compile(layer, dynamic=False), x)
+            gemm = re.search(r"extern_kernels\.\w+\(|torch\.ops\.mkldnn\.", "".join(code)) is not None
+            assert gemm == (x.numel() > k), (rows, k)
+            ref = F.linear(x.double(), layer.weight.double())
+            assert out.shape == ref.shape and out.dtype == dtype
+            assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
 
 
 MMAP_CHILD = """

@@ -268,6 +268,7 @@ class Engine:
         self._closed = False
         self._next_id = 0
         self._compiled = None  # the model's hidden_states through torch.compile (compile=True)
+        self._head = self.model.lm_head  # the output layer, through torch.compile too when compile=True
         self.compile_info: dict | None = None  # compile=True: the warm-up's seconds and cache hits (_compile_cached)
         if compile:
             if _compiled_engines:
@@ -275,10 +276,10 @@ class Engine:
                             "at every step and stops compiling past torch._dynamo.config.recompile_limit",
                             len(_compiled_engines))
             self.model.inv_freq(device)  # computed before tracing, not a guard of the graphs
-            # on CPU, one-row matmuls become inductor's own multiply-and-sum loops: a matrix-vector product bound
-            # by reading the weights, where oneDNN's bf16 GEMM is 2-3x slower (inductor's decompose_mm_pass)
-            options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if device.type == "cpu" else {}
-            self._compiled = torch.compile(self.model.hidden_states, dynamic=True, options=options)
+            # the output layer too: decoding one sequence on CPU, its product is one of model.Linear's weight-bound
+            # loops (131,072 rows of the output layer are a fifth of the weights a step reads at 1B parameters)
+            self._compiled = torch.compile(self.model.hidden_states, dynamic=True)
+            self._head = torch.compile(self.model.lm_head, dynamic=True)
             self.compile_info = _compile_cached(self._warm_up)
             log.info("engine: %s", self.compile_info["message"])
             _compiled_engines.add(id(self))
@@ -395,7 +396,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         if self._compiled is not None:
-            self._compiled = None
+            self._compiled, self._head = None, self.model.lm_head
             _compiled_engines.discard(id(self))
             if not _compiled_engines:  # the last compiled engine takes the graphs (and what they hold) with it
                 torch._dynamo.reset()
@@ -547,7 +548,7 @@ class Engine:
                     hidden.append(hb)
         sampled = None
         if rows:
-            logits = self.model.lm_head(torch.stack(hidden))
+            logits = self._head(torch.stack(hidden))
             params = [r.params for r in rows]
             for r in rows:
                 if r.params.penalized and r.out_counts is None:
