@@ -29,7 +29,9 @@ demo: setup
 # bench/gpu.py needs a GPU and has its own entry point, bench/gpu.sh.
 BENCHES := $(filter-out bench/table.py bench/gpu.py,$(wildcard bench/[a-z]*.py))
 
+# llama.cpp is the peer of bench/decode.py: llama-cpp-python compiles it from source (~10 minutes, once)
 bench: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install -q -e ".[llama]"
 	@for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
 	$(PY) bench/table.py
 

@@ -1,18 +1,20 @@
 """Single-stream decoding at the sizes people run: the apertus engine against llama.cpp on the same weights.
 
     python bench/decode.py --shape 1.4b [--modes bf16 int8 int4] [--new 64] [--rounds 3] [--no-compile]
-    python bench/decode.py --shape 8b --modes int8 int4 --prompt 16000    # Apertus-8B-shaped, 2 cores, 24 GiB
+    python bench/decode.py --shape 8b --sequential --prompt 16000 --new 32 --rounds 2   # Apertus-8B, 24 GiB
 
 One checkpoint of random weights (seed 0, bf16, the released Apertus tokenizer) is written once per shape into
 --work (default ~/.cache/apertus/bench/decode-<shape>; reused by later runs) and exported to GGUF: bf16, Q8_0
 (gguf-py's quantizer, as llama.cpp's converter writes it) and Q4_0 (llama.cpp's own quantizer). Each precision is
 then a pair, ours and llama.cpp's (llama-cpp-python, n_threads = torch's threads):
     bf16 ↔ GGUF bf16,   int8 (our weight-only int8 linears) ↔ Q8_0,   int4 (int4, groups of 32) ↔ Q4_0
-- start-up: loading the checkpoint (ours maps the safetensors, quantizes where asked, compiles with the persistent
-  inductor cache of compile_cache_dir()) until the first token of a 32-token prompt is out;
+- start-up: loading the checkpoint until the first token of a 32-token prompt is out; ours eager (the safetensors
+  mapped, or quantized where asked), and compiled (printed: inductor's persistent cache, compile_cache_dir(), makes
+  a second run faster);
 - decode: a 32-token prompt and --new greedy tokens, one request, whole call (EOS ignored on both sides);
 - --prompt N: a prompt of N tokens read and one token answered (ours in chunks of 2,048: chunked prefill).
-Ours and llama.cpp alternate (bench/_timing.py), rounds median. llama-cpp-python builds llama.cpp from source
+Ours and llama.cpp alternate (bench/_timing.py), rounds median; with --sequential, all of ours, then all of
+llama.cpp's (the 8B's two bf16 copies would not fit in 24 GiB together). llama-cpp-python builds llama.cpp from source
 (~10 minutes): `pip install 'apertus[llama]'`; without it this script says so and stops.
 The log (bench/_log.py) goes to bench/results/decode-<shape>[-eager].json
 """
@@ -47,7 +49,8 @@ def prepare(shape: str, work: Path, modes) -> tuple[Path, dict]:
     hf = work / "hf"
     if not (hf / "config.json").is_file():
         print(f"writing a {shape} checkpoint of random weights to {hf} ...", flush=True)
-        model = build_model(cfg, dtype=torch.bfloat16, seed=0)
+        model = build_model(cfg, device="meta").to(torch.bfloat16)  # bf16 from the start: the 8B in 16 GB, not 32
+        model.to_empty(device="cpu").init_weights(seed=0)
         save_model(model, hf, extra_files={"tokenizer.json": apertus_tokenizer_path().read_text()})
         del model
     ggufs = {}
@@ -81,6 +84,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=0, help="also time reading a prompt of this many tokens")
     ap.add_argument("--no-compile", action="store_true", help="our engine without torch.compile")
+    ap.add_argument("--sequential", action="store_true", help="all of our rounds, then all of llama.cpp's (for "
+                    "sizes where both sides' weights do not fit in memory together: the 8B in bf16 on 24 GiB)")
     ap.add_argument("--work", type=Path, help="checkpoint and GGUF files (default ~/.cache/apertus/bench/decode-SHAPE)")
     args = ap.parse_args()
     try:
@@ -100,56 +105,78 @@ def main():
     greedy = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     params = cfg.num_params()
-    print(f"greedy decoding, {args.shape} ({params / 1e9:.2f}B params, vocab {cfg.vocab_size}), cpu, {threads} threads, "
-          f"32-token prompt + {args.new} new tokens; ours {'compiled' if compile else 'eager'}, llama.cpp "
+    print(f"greedy decoding, {args.shape} ({params / 1e9:.2f}B params, vocab {cfg.vocab_size}), cpu, {threads} "
+          f"threads, 32-token prompt + {args.new} new tokens; ours {'compiled' if compile else 'eager'}, llama.cpp "
           f"{llama_cpp.__version__}", flush=True)
-    measured = []
     cache_gb = max(0.5, 2 * (args.prompt + 64) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
                    * 2 / 2**30)
-    for mode in args.modes:
-        t = time.perf_counter()
-        engine = Engine(hf, dtype="bf16", quantize=None if mode == "bf16" else mode, max_batch=1, cache_gb=cache_gb,
-                        compile=compile, prefix_caching=False)
+    how = "compiled" if compile else "eager"
+    label = f"{args.shape} ({params / 1e9:.2f}B, vocab 131,072)"
+
+    def open_ours(quantize, compile):
+        t = time.perf_counter()  # start-up: load (mapped, or quantized), compile if asked, answer
+        engine = Engine(hf, dtype="bf16", quantize=quantize, max_batch=1, cache_gb=cache_gb, compile=compile,
+                        prefix_caching=False)
         engine.generate([prompt], one)
-        ours_start = time.perf_counter() - t
+        return engine, time.perf_counter() - t
+
+    def open_peer(mode):
         t = time.perf_counter()
         llm = llama_cpp.Llama(str(ggufs[mode]), n_ctx=max(512, args.prompt + 64), n_threads=threads,
                               n_threads_batch=threads, n_batch=2048, n_ubatch=512, verbose=False)
         llama_generate(llm, prompt, 1)
-        peer_start = time.perf_counter() - t
-        name = f"{mode} ({PEER_NAME[mode]})"
-        print(f"{name:16} start-up: ours {ours_start:6.1f} s ({engine.compile_info['message'] if compile else 'eager'})"
-              f", llama.cpp {peer_start:5.1f} s; peak RSS so far {rss_gb():.1f} GiB", flush=True)
-        row = {"mode": mode, "peer": PEER_NAME[mode], "gguf_bytes": ggufs[mode].stat().st_size,
-               "startup_seconds": {"apertus": ours_start, "peer": peer_start},
-               "compile_info": engine.compile_info}
-        tm = interleaved({"ours": lambda: engine.generate([prompt], greedy),
-                          "peer": lambda: llama_generate(llm, prompt, args.new)}, rounds=args.rounds)
-        tokens = args.new
-        print(f"{name:16} decode: ours {tokens / tm['ours']:6.2f} tok/s, llama.cpp {tokens / tm['peer']:6.2f} tok/s, "
-              f"{tm['peer'] / tm['ours']:.2f}x", flush=True)
-        row["decode_seconds"] = tm
-        how = "compiled" if compile else "eager"
-        log.row(f"decode, batch 1, {args.shape} ({params / 1e9:.2f}B, vocab 131,072), {mode}, {how}, 32-token prompt "
-                f"+ {args.new} new tokens", f"{tokens / tm['ours']:,.1f} tok/s",
-                f"llama.cpp {PEER_NAME[mode]} {tokens / tm['peer']:,.1f} tok/s", ratio(tm["peer"] / tm["ours"]))
-        log.row(f"start-up to the first token, {args.shape}, {mode}, {how}", f"{ours_start:,.1f} s",
-                f"llama.cpp {PEER_NAME[mode]} {peer_start:,.1f} s", ratio(peer_start / ours_start))
+        return llm, time.perf_counter() - t
+
+    def measure(mode: str) -> dict:
+        name, peer = f"{mode} ({PEER_NAME[mode]})", f"llama.cpp {PEER_NAME[mode]}"
+        quantize = None if mode == "bf16" else mode
+        eager, eager_start = open_ours(quantize, False)
+        eager.close()
+        # (ours, peer) callables per workload: decoding, and reading the long prompt
+        work = {"decode": (lambda e: e.generate([prompt], greedy), lambda p: llama_generate(p, prompt, args.new))}
         if args.prompt:
-            tp = interleaved({"ours": lambda: engine.generate([long_prompt], one),
-                              "peer": lambda: llama_generate(llm, long_prompt, 1)}, rounds=1, warmup=0)
-            print(f"{name:16} {args.prompt}-token prompt: ours {tp['ours']:6.1f} s, llama.cpp {tp['peer']:6.1f} s; "
-                  f"peak RSS {rss_gb():.1f} GiB", flush=True)
-            row["prompt_seconds"] = tp
-            log.row(f"prompt of {args.prompt:,} tokens read + 1 answered, {args.shape}, {mode}, {how}",
-                    f"{args.prompt / tp['ours']:,.0f} prompt tok/s",
-                    f"llama.cpp {PEER_NAME[mode]} {args.prompt / tp['peer']:,.0f} prompt tok/s",
-                    ratio(tp["peer"] / tp["ours"]))
-        measured.append(row)
-        engine.close()
+            work["prompt"] = (lambda e: e.generate([long_prompt], one), lambda p: llama_generate(p, long_prompt, 1))
+        rounds = {"decode": (args.rounds, 1), "prompt": (1, 0)}
+        if args.sequential:  # ours first, closed, then llama.cpp: never both in memory
+            engine, start = open_ours(quantize, compile)
+            info = engine.compile_info
+            ours = {w: interleaved({"ours": lambda f=f: f(engine)}, *rounds[w])["ours"] for w, (f, _) in work.items()}
+            engine.close()
+            llm, peer_start = open_peer(mode)
+            theirs = {w: interleaved({"peer": lambda f=f: f(llm)}, *rounds[w])["peer"] for w, (_, f) in work.items()}
+            times = {w: {"ours": ours[w], "peer": theirs[w]} for w in work}
+        else:
+            llm, peer_start = open_peer(mode)
+            engine, start = open_ours(quantize, compile)
+            info = engine.compile_info
+            times = {w: interleaved({"ours": lambda f=f: f(engine), "peer": lambda f=g: f(llm)}, *rounds[w])
+                     for w, (f, g) in work.items()}
+            engine.close()
         llm.close()
-        del engine, llm
-    log.write({"shape": args.shape, "params_b": round(params / 1e9, 3), "compiled": compile, "new_tokens": args.new,
+        print(f"{name:16} start-up: ours {eager_start:5.1f} s eager, {start:6.1f} s {how} "
+              f"({info['message'] if info else 'eager'}); llama.cpp {peer_start:5.1f} s", flush=True)
+        log.row(f"start-up to the first token, {label}, {mode}, eager", f"{eager_start:,.1f} s",
+                f"{peer} {peer_start:,.1f} s", ratio(peer_start / eager_start))
+        tm = times["decode"]
+        print(f"{name:16} decode: ours {args.new / tm['ours']:6.2f} tok/s, llama.cpp {args.new / tm['peer']:6.2f} "
+              f"tok/s, {tm['peer'] / tm['ours']:.2f}x; peak RSS so far {rss_gb():.1f} GiB", flush=True)
+        log.row(f"decode, batch 1, {label}, {mode}, {how}, 32-token prompt + {args.new} new tokens",
+                f"{args.new / tm['ours']:,.1f} tok/s", f"{peer} {args.new / tm['peer']:,.1f} tok/s",
+                ratio(tm["peer"] / tm["ours"]))
+        if args.prompt:
+            tp = times["prompt"]
+            print(f"{name:16} {args.prompt}-token prompt: ours {tp['ours']:6.1f} s, llama.cpp {tp['peer']:6.1f} s",
+                  flush=True)
+            log.row(f"prompt of {args.prompt:,} tokens read + 1 answered, {label}, {mode}, {how}",
+                    f"{args.prompt / tp['ours']:,.0f} prompt tok/s", f"{peer} {args.prompt / tp['peer']:,.0f} prompt "
+                    "tok/s", ratio(tp["peer"] / tp["ours"]))
+        return {"mode": mode, "peer": PEER_NAME[mode], "gguf_bytes": ggufs[mode].stat().st_size,
+                "startup_seconds": {"apertus eager": eager_start, f"apertus {how}": start, "peer": peer_start},
+                "compile_info": info, "seconds": times, "peak_rss_gib": round(rss_gb(), 2)}
+
+    measured = [measure(mode) for mode in args.modes]
+    log.write({"shape": args.shape, "sequential": args.sequential, "params_b": round(params / 1e9, 3),
+               "compiled": compile, "new_tokens": args.new,
                "prompt_tokens": 32, "long_prompt": args.prompt, "rounds": args.rounds, "threads": threads,
                "llama_cpp_python": llama_cpp.__version__, "peak_rss_gib": round(rss_gb(), 2), "modes": measured})
 

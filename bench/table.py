@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 # the order of the old hand-written table: the model, then training, inference, evaluation, data, serving extras
-ORDER = ["model", "train", "engine", "eval", "tokenizer", "data", "server", "output_filter", "prefix", "structured"]
+ORDER = ["model", "train", "engine", "decode", "eval", "tokenizer", "data", "server", "output_filter", "prefix",
+         "structured"]
 
 
 def load_logs(results: Path) -> list[tuple[str, dict]]:
