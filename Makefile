@@ -26,8 +26,9 @@ demo: setup
 	$(PY) runs/demo.py --out $(OUT)
 
 # every benchmark writes its log to bench/results/ (bench/_log.py); bench-table turns the logs into the README's table.
-# bench/gpu.py needs a GPU and has its own entry point, bench/gpu.sh.
-BENCHES := $(filter-out bench/table.py bench/gpu.py,$(wildcard bench/[a-z]*.py))
+# bench/gpu.py needs a GPU and has its own entry point, bench/gpu.sh; bench/quant.py needs a trained checkpoint
+# (`python bench/quant.py runs/demo/pretrain/hf` after `make demo`).
+BENCHES := $(filter-out bench/table.py bench/gpu.py bench/quant.py,$(wildcard bench/[a-z]*.py))
 
 # llama.cpp is the peer of bench/decode.py: llama-cpp-python compiles it from source (~10 minutes, once)
 bench: setup

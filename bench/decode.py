@@ -1,7 +1,8 @@
 """Single-stream decoding at the sizes people run: the apertus engine against llama.cpp on the same weights.
 
     python bench/decode.py --shape 1.4b [--modes bf16 int8 int4] [--new 64] [--rounds 3] [--no-compile]
-    python bench/decode.py --shape 8b --sequential --prompt 16000 --new 32 --rounds 2   # Apertus-8B, 24 GiB
+    python bench/decode.py --shape 8b --modes int8 int4 --sequential --new 32 --rounds 2   # Apertus-8B, 24 GiB
+    python bench/decode.py --shape 8b --modes bf16 --sequential --prompt 16000 --new 16 --rounds 2
 
 One checkpoint of random weights (seed 0, bf16, the released Apertus tokenizer) is written once per shape into
 --work (default ~/.cache/apertus/bench/decode-<shape>; reused by later runs) and exported to GGUF: bf16, Q8_0
@@ -16,7 +17,7 @@ then a pair, ours and llama.cpp's (llama-cpp-python, n_threads = torch's threads
 Ours and llama.cpp alternate (bench/_timing.py), rounds median; with --sequential, all of ours, then all of
 llama.cpp's (the 8B's two bf16 copies would not fit in 24 GiB together). llama-cpp-python builds llama.cpp from source
 (~10 minutes): `pip install 'apertus[llama]'`; without it this script says so and stops.
-The log (bench/_log.py) goes to bench/results/decode-<shape>[-eager].json
+The log (bench/_log.py) goes to bench/results/decode-<shape>[-<modes>][-prompt<N>][-eager].json
 """
 
 import argparse
@@ -96,7 +97,8 @@ def main():
     work = args.work or Path(os.path.expanduser("~/.cache/apertus/bench")) / f"decode-{args.shape}"
     hf, ggufs = prepare(args.shape, work, args.modes)
     compile = not args.no_compile
-    log = BenchLog("decode", [args.shape, "" if compile else "eager"])
+    log = BenchLog("decode", [args.shape, "-".join(args.modes) if args.modes != list(PEER_FILE) else "",
+                              f"prompt{args.prompt}" if args.prompt else "", "" if compile else "eager"])
     cfg = shape_config(args.shape)
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)

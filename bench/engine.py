@@ -10,6 +10,8 @@
   batch runs until its longest request is done, so only the tokens asked for are counted, for both.
 - prefill: one prompt of --prefill tokens and a single new token; prompt tokens/s.
 - int8: decode at batch 1 with our weight-only int8 linears (CPU), against transformers in --dtype.
+- decode at batch 1 against transformers at its fastest documented setup too: a static cache
+  (`cache_implementation="static"`) and its forward through torch.compile (--no-static skips it).
 Our engine runs with compile=True (every step through torch.compile, compiled before timing); the row "decode,
 batch 1, eager" shows the engine without it (--no-compile: every row eager).
 Requests generate exactly what they ask for (EOS ignored) so both sides do the same work. Ours and transformers
@@ -24,6 +26,7 @@ import copy
 import torch
 import transformers
 from _log import BenchLog, ratio
+from _shapes import SHAPES, shape_config
 from _timing import interleaved
 
 from apertus import build_model, preset
@@ -56,7 +59,8 @@ def build_pair(cfg, device, dtype):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="a preset (tiny, apertus-8b) or a shape of bench/_shapes.py "
+                    "(74m, 150m, 1.4b: the real vocabulary)")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -66,11 +70,13 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cache-gb", type=float, default=2.0)
     ap.add_argument("--no-compile", action="store_true", help="our engine without torch.compile")
+    ap.add_argument("--no-static", action="store_true", help="skip the row against transformers with a static "
+                    "cache and torch.compile (it compiles for minutes)")
     args = ap.parse_args()
     log = BenchLog("engine", [args.preset, args.dtype, "eager" if args.no_compile else "",
                               args.device if args.device != "cpu" else ""])
     dtype = parse_dtype(args.dtype)
-    cfg = preset(args.preset)
+    cfg = shape_config(args.preset) if args.preset in SHAPES else preset(args.preset)
     g = torch.Generator().manual_seed(0)
     ours, ref = build_pair(cfg, args.device, dtype)
     compile = not args.no_compile
@@ -86,16 +92,17 @@ def main():
     print(f"{'workload':24} {'apertus tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
     measured = []
 
-    def row(name, tokens, ours, theirs, unit="tok/s"):
+    def row(name, tokens, ours, theirs, unit="tok/s", peer="transformers `generate`"):
         t = interleaved({"ours": ours, "ref": theirs}, rounds=args.rounds)
         print(f"{name:24} {tokens / t['ours']:14,.0f} {tokens / t['ref']:19,.0f} {t['ref'] / t['ours']:5.2f}x",
               flush=True)
-        measured.append({"workload": name, "tokens": tokens, "seconds": {"apertus": t["ours"], "peer": t["ref"]}})
+        measured.append({"workload": name, "peer": peer, "tokens": tokens,
+                         "seconds": {"apertus": t["ours"], "peer": t["ref"]}})
         how = "" if "eager" in name else ", compiled" if compile else ", eager"
         new = ("" if unit != "tok/s" else f", {args.new // 4}–{2 * args.new} new tokens" if "mixed" in name
                else f", {args.new} new tokens")
         log.row(f"{name}, {args.preset}, {args.dtype}{how}{new}",
-                f"{tokens / t['ours']:,.0f} {unit}", f"transformers `generate` {tokens / t['ref']:,.0f} {unit}",
+                f"{tokens / t['ours']:,.0f} {unit}", f"{peer} {tokens / t['ref']:,.0f} {unit}",
                 ratio(t["ref"] / t["ours"]))
 
     def make_prompts(lengths):
@@ -109,6 +116,15 @@ def main():
         if c == 1 and eager is not None:
             row("decode, batch 1, eager", args.new, lambda p=prompts: eager.generate(p, greedy),
                 lambda p=prompts: hf_generate(ref, p, args.new))
+        if c == 1 and compile and not args.no_static:
+            # transformers at its fastest documented setup: a static cache and the forward through torch.compile
+            # (its "static cache and torch.compile" guide; generate() compiles by itself only on GPUs)
+            fast = copy.deepcopy(ref)
+            fast.forward = torch.compile(fast.forward, fullgraph=True)
+            row("decode, batch 1", args.new, lambda p=prompts: engine.generate(p, greedy),
+                lambda p=prompts, m=fast: hf_generate(m, p, args.new, cache_implementation="static"),
+                peer="transformers `generate`, static cache + torch.compile")
+            del fast
     c = max(args.concurrency)
     prompts = make_prompts(torch.randint(16, 257, (c,), generator=g).tolist())
     wants = torch.randint(args.new // 4, 2 * args.new + 1, (c,), generator=g).tolist()

@@ -6,7 +6,7 @@ On the FLORES sentences of the speedrun's ten languages (eval/tasks.py LANGID_LA
 them), each sentence after `<s>`, teacher-forced: bits per byte (eval/suite.py's bpb_metrics), and per predicted
 token, against bf16, the agreement of the most likely next token and the KL divergence KL(bf16 ‖ quantized) in nats.
 The quantized models are the engine's (`--quantize int8|int4`, infer/quant.py), activations in bf16.
-The log (bench/_log.py) goes to bench/results/quant-<checkpoint folder name>.json
+The log (bench/_log.py) goes to bench/results/quant-<checkpoint folder name, or its parent's for .../hf>.json
 """
 
 import argparse
@@ -35,7 +35,9 @@ def main():
     ap.add_argument("--split", default="test", help="FLORES split (the speedrun's evaluation uses test)")
     ap.add_argument("--limit", type=int, default=100, help="sentences per language")
     args = ap.parse_args()
-    log = BenchLog("quant", [args.checkpoint.resolve().name])
+    path = args.checkpoint.resolve()
+    name = path.name if path.name != "hf" else path.parent.name  # runs/demo/pretrain/hf: "pretrain"
+    log = BenchLog("quant", [name])
     tok = load_tokenizer(args.checkpoint, None)
     ref = load_model(args.checkpoint, dtype=torch.bfloat16).eval()
     models = {"bf16": ref} | {m: quantize_weights(copy.deepcopy(ref), m) for m in MODES}
@@ -64,7 +66,7 @@ def main():
         print(f"{m:8} {bpb[m]['bpb']:10.4f} {delta:+8.4f} {agree[m] / tokens:16.2%} {kl[m] / tokens:18.2e}")
         results[m] = {"bpb": bpb[m]["bpb"], "bpb_delta": delta, "top1_agreement": agree[m] / tokens,
                       "kl_nats_per_token": kl[m] / tokens}
-        log.row(f"FLORES bits per byte with {m} weights, {args.checkpoint.resolve().name}, {len(texts)} sentences of "
+        log.row(f"FLORES bits per byte with {m} weights, {name}, {len(texts)} sentences of "
                 f"10 languages (next token as bf16's: {agree[m] / tokens:.1%}, KL {kl[m] / tokens:.1e} nats)",
                 f"{bpb[m]['bpb']:.4f}", f"bf16 weights {bpb['bf16']['bpb']:.4f}", f"{delta:+.4f} bpb")
     log.write({"checkpoint": str(args.checkpoint), "split": args.split, "sentences": len(texts), "tokens": tokens,
