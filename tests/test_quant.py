@@ -5,6 +5,9 @@ The bits-per-byte figures on FLORES for the speedrun's trained model are the ben
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,6 +71,40 @@ def test_a_model_int4_cannot_take_is_left_as_it_was():
     with pytest.raises(ValueError, match="int8 or int4 on CPU only"):
         Engine(model, quantize="int3", cache_gb=0.01)
     assert isinstance(quantize_weights(model, "int8").lm_head, Int8Linear)  # int8 has no such limit
+
+
+QUANTIZE_CHILD = """
+import sys, torch, apertus
+from apertus.infer.quant import quantize_weights
+def kb(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+model = apertus.load_model(sys.argv[1], dtype=torch.bfloat16, mmap=False)  # the float weights in private memory
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = kb("VmRSS")
+quantize_weights(model, sys.argv[2])
+print((kb("VmHWM") - before) * 1024, (kb("VmRSS") - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_frees_each_float_layer_as_it_goes(tmp_path, mode):
+    """The float model and the quantized one are never in memory together (for the 8B in int8 that would be 24 GB):
+    quantizing grows the memory by at most one layer's working copy, and gives back the float weights' bytes."""
+    cfg = ApertusConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=128)
+    save_model(build_model(cfg, dtype=torch.bfloat16), tmp_path / "m")
+    sizes = [m.weight.numel() for m in build_model(cfg, device="meta").modules() if isinstance(m, nn.Linear)]
+    linear, working = sum(sizes), 12 * max(sizes)  # one layer's working copies: fp32 weights, temporaries, result
+    assert working < 0.5 * linear  # so the bound below tells one layer from all of them
+    # glibc's adaptive threshold would keep freed blocks in the heap: a fixed one gives them back, so the memory seen
+    # is the memory held
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", QUANTIZE_CHILD, str(tmp_path / "m"), mode], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    peak, after = map(int, out.stdout.split())
+    assert peak <= working  # not the whole quantized model on top of the float one
+    assert after <= -0.5 * linear  # 2 bytes a weight given back, 1 (int8) or ~0.6 (int4) kept
 
 
 @pytest.fixture(scope="module")

@@ -161,8 +161,9 @@ def load_model(path_or_preset: str | os.PathLike, dtype: torch.dtype | str = tor
     """An Apertus model from a Hugging Face checkpoint (a directory or a hub id `org/name[@revision]`), or a freshly
     initialised preset (`tiny`, ...).
 
-    mmap=False copies every tensor instead of mapping the file: for a caller that replaces most weights right after
-    (quantization), since one kept tensor keeps the whole mapping, and so the pages it read, in the process's RSS."""
+    mmap=False copies every tensor into private memory instead of mapping the file. Mapped pages are the page cache's:
+    the kernel can drop them under memory pressure, though while a kept tensor holds the mapping, every page read
+    counts in the process's RSS (quantizing reads all weights and keeps the embedding)."""
     dtype = parse_dtype(dtype)
     path = resolve_checkpoint_dir(path_or_preset, allow_preset=True)
     if not path.exists() and str(path_or_preset) in PRESETS:

@@ -223,7 +223,7 @@ class Engine:
             if dtype is None:
                 dtype = torch.bfloat16 if device.type == "cuda" or (
                     model_dir and _checkpoint_dtype(model_dir) == torch.bfloat16) else torch.float32
-            model = load_model(model_or_path, dtype=dtype, device=device, mmap=quantize is None)
+            model = load_model(model_or_path, dtype=dtype, device=device)
         if quantize is not None:
             from .quant import MODES, quantize_weights
 

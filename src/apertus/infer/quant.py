@@ -71,28 +71,30 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _linears(model: nn.Module):
-    return [(parent, name, child) for parent in list(model.modules())
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute name) of every nn.Linear: not the layers themselves, so that each one's float weights are
+    freed as soon as it is replaced (holding them all would need the float model and the quantized one at once:
+    24 GB for the 8B in int8)."""
+    return [(parent, name) for parent in list(model.modules())
             for name, child in list(parent.named_children()) if isinstance(child, nn.Linear)]
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of the model (projections, MLP, lm_head) in place; embeddings and norms stay."""
-    for parent, name, child in _linears(model):
-        setattr(parent, name, Int8Linear(child))
+    for parent, name in _linears(model):
+        setattr(parent, name, Int8Linear(getattr(parent, name)))
     return model
 
 
 def quantize_int4(model: nn.Module, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
     """As quantize_int8, with Int4Linear. Every layer is checked before any is replaced, so a model that cannot be
     quantized is left as it was."""
-    names = {id(m): n for n, m in model.named_modules()}
-    for _, _, child in _linears(model):
-        if child.in_features % group_size:
-            raise ValueError(f"int4: layer {names[id(child)]} has in_features {child.in_features}, not a multiple "
+    for name, child in model.named_modules():
+        if isinstance(child, nn.Linear) and child.in_features % group_size:
+            raise ValueError(f"int4: layer {name} has in_features {child.in_features}, not a multiple "
                              f"of the group size {group_size}; use int8 (or a group size that divides it)")
-    for parent, name, child in _linears(model):
-        setattr(parent, name, Int4Linear(child, group_size))
+    for parent, name in _linears(model):
+        setattr(parent, name, Int4Linear(getattr(parent, name), group_size))
     return model
 
 
