@@ -90,11 +90,13 @@ print((kb("VmHWM") - before) * 1024, (kb("VmRSS") - before) * 1024)
 def test_quantizing_frees_each_float_layer_as_it_goes(tmp_path, mode):
     """The float model and the quantized one are never in memory together (for the 8B in int8 that would be 24 GB):
     quantizing grows the memory by at most one layer's working copy, and gives back the float weights' bytes."""
-    cfg = ApertusConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+    cfg = ApertusConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_hidden_layers=16,
                         num_attention_heads=8, num_key_value_heads=4, head_dim=128)
     save_model(build_model(cfg, dtype=torch.bfloat16), tmp_path / "m")
     sizes = [m.weight.numel() for m in build_model(cfg, device="meta").modules() if isinstance(m, nn.Linear)]
-    linear, working = sum(sizes), 12 * max(sizes)  # one layer's working copies: fp32 weights, temporaries, result
+    # one layer's working copies (fp32 weights, int32 levels for int4, the result) with the allocator's rounding:
+    # 9-15 bytes a weight of the largest layer were seen
+    linear, working = sum(sizes), 20 * max(sizes)
     assert working < 0.5 * linear  # so the bound below tells one layer from all of them
     # glibc's adaptive threshold would keep freed blocks in the heap: a fixed one gives them back, so the memory seen
     # is the memory held
