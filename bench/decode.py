@@ -37,6 +37,7 @@ from _timing import interleaved
 from apertus import build_model, save_model
 from apertus.export_gguf import export_gguf
 from apertus.infer import Engine, SamplingParams
+from apertus.infer.cache import PagedKVCache
 from apertus.tokenizer import apertus_tokenizer_path
 
 PEER_FILE = {"bf16": ("bf16", None), "int8": ("bf16", "q8_0"), "int4": ("bf16", "q4_0")}
@@ -97,6 +98,7 @@ def main():
     work = args.work or Path(os.path.expanduser("~/.cache/apertus/bench")) / f"decode-{args.shape}"
     hf, ggufs = prepare(args.shape, work, args.modes)
     compile = not args.no_compile
+    how = "compiled" if compile else "eager"
     log = BenchLog("decode", [args.shape, "-".join(args.modes) if args.modes != list(PEER_FILE) else "",
                               f"prompt{args.prompt}" if args.prompt else "", "" if compile else "eager"])
     cfg = shape_config(args.shape)
@@ -108,11 +110,9 @@ def main():
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     params = cfg.num_params()
     print(f"greedy decoding, {args.shape} ({params / 1e9:.2f}B params, vocab {cfg.vocab_size}), cpu, {threads} "
-          f"threads, 32-token prompt + {args.new} new tokens; ours {'compiled' if compile else 'eager'}, llama.cpp "
+          f"threads, 32-token prompt + {args.new} new tokens; ours {how}, llama.cpp "
           f"{llama_cpp.__version__}", flush=True)
-    cache_gb = max(0.5, 2 * (args.prompt + 64) * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-                   * 2 / 2**30)
-    how = "compiled" if compile else "eager"
+    cache_gb = max(0.5, (args.prompt + 64) * PagedKVCache.bytes_per_token(cfg, torch.bfloat16) / 2**30)
     label = f"{args.shape} ({params / 1e9:.2f}B, vocab 131,072)"
 
     def open_ours(quantize, compile):
