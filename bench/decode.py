@@ -3,6 +3,7 @@
     python bench/decode.py --shape 1.4b [--modes bf16 int8 int4] [--new 64] [--rounds 3] [--no-compile]
     python bench/decode.py --shape 8b --modes int8 int4 --sequential --new 32 --rounds 2   # Apertus-8B, 24 GiB
     python bench/decode.py --shape 8b --modes bf16 --sequential --prompt 16000 --new 16 --rounds 2
+    python bench/decode.py --shape 8b --startup    # start-up rows only
 
 One checkpoint of random weights (seed 0, bf16, the released Apertus tokenizer) is written once per shape into
 --work (default ~/.cache/apertus/bench/decode-<shape>; reused by later runs) and exported to GGUF: bf16, Q8_0
@@ -10,8 +11,9 @@ One checkpoint of random weights (seed 0, bf16, the released Apertus tokenizer) 
 then a pair, ours and llama.cpp's (llama-cpp-python, n_threads = torch's threads):
     bf16 ↔ GGUF bf16,   int8 (our weight-only int8 linears) ↔ Q8_0,   int4 (int4, groups of 32) ↔ Q4_0
 - start-up: loading the checkpoint until the first token of a 32-token prompt is out; ours eager (the safetensors
-  mapped, or quantized where asked), and compiled (printed: inductor's persistent cache, compile_cache_dir(), makes
-  a second run faster);
+  mapped; int8/int4 twice: the first start quantizes and keeps the layers in the quantize cache, here in --work, the
+  second maps them from there), and compiled (printed: inductor's persistent cache, compile_cache_dir(), makes a
+  second run faster); --startup stops there;
 - decode: a 32-token prompt and --new greedy tokens, one request, whole call (EOS ignored on both sides);
 - --prompt N: a prompt of N tokens read and one token answered (ours in chunks of 2,048: chunked prefill).
 Ours and llama.cpp alternate (bench/_timing.py), rounds median; with --sequential, all of ours, then all of
@@ -38,6 +40,7 @@ from apertus import build_model, save_model
 from apertus.export_gguf import export_gguf
 from apertus.infer import Engine, SamplingParams
 from apertus.infer.cache import PagedKVCache
+from apertus.infer.quant import cache_file
 from apertus.tokenizer import apertus_tokenizer_path
 
 PEER_FILE = {"bf16": ("bf16", None), "int8": ("bf16", "q8_0"), "int4": ("bf16", "q4_0")}
@@ -89,6 +92,7 @@ def main():
     ap.add_argument("--sequential", action="store_true", help="all of our rounds, then all of llama.cpp's (for "
                     "sizes where both sides' weights do not fit in memory together: the 8B in bf16 on 24 GiB)")
     ap.add_argument("--work", type=Path, help="checkpoint and GGUF files (default ~/.cache/apertus/bench/decode-SHAPE)")
+    ap.add_argument("--startup", action="store_true", help="only the eager start-up rows")
     args = ap.parse_args()
     try:
         import llama_cpp
@@ -97,10 +101,12 @@ def main():
                          "llama.cpp, ~10 minutes)") from None
     work = args.work or Path(os.path.expanduser("~/.cache/apertus/bench")) / f"decode-{args.shape}"
     hf, ggufs = prepare(args.shape, work, args.modes)
+    os.environ["APERTUS_QUANT_CACHE"] = str(work / "quantized")  # beside the checkpoint, not in the user's cache
     compile = not args.no_compile
     how = "compiled" if compile else "eager"
     log = BenchLog("decode", [args.shape, "-".join(args.modes) if args.modes != list(PEER_FILE) else "",
-                              f"prompt{args.prompt}" if args.prompt else "", "" if compile else "eager"])
+                              f"prompt{args.prompt}" if args.prompt else "",
+                              "startup" if args.startup else "" if compile else "eager"])
     cfg = shape_config(args.shape)
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
@@ -132,9 +138,25 @@ def main():
     def measure(mode: str) -> dict:
         name, peer = f"{mode} ({PEER_NAME[mode]})", f"llama.cpp {PEER_NAME[mode]}"
         quantize = None if mode == "bf16" else mode
-        eager, eager_start = open_ours(quantize, False)
-        eager.close()
-        del eager  # its weights (8 GB for the 8B in int8) go before the compiled engine loads its own
+        if quantize:  # the first start quantizes (and keeps the layers), the second maps what the first kept
+            cache_file(hf, quantize).unlink(missing_ok=True)
+        eager_starts = []
+        for _ in range(2 if quantize else 1):
+            eager, seconds = open_ours(quantize, False)
+            eager_starts.append(seconds)
+            print(f"{name:16} start-up: ours {seconds:5.1f} s eager ({'; '.join(eager.start_info) or 'mapped'})",
+                  flush=True)
+            eager.close()
+            del eager  # its weights (8 GB for the 8B in int8) go before the next engine loads its own
+        eager_start = eager_starts[0]
+        if args.startup:
+            llm, peer_start = open_peer(mode)
+            llm.close()
+            print(f"{name:16} start-up: llama.cpp {peer_start:5.1f} s", flush=True)
+            log_startup(mode, label, eager_starts, peer_start)
+            return {"mode": mode, "peer": PEER_NAME[mode], "startup_seconds": {
+                "apertus eager": eager_starts[0], "apertus eager, from the quantize cache": eager_starts[1:],
+                "peer": peer_start}}
         # (ours, peer) callables per workload: decoding, and reading the long prompt
         work = {"decode": (lambda e: e.generate([prompt], greedy), lambda p: llama_generate(p, prompt, args.new))}
         if args.prompt:
@@ -158,8 +180,7 @@ def main():
         llm.close()
         print(f"{name:16} start-up: ours {eager_start:5.1f} s eager, {start:6.1f} s {how} "
               f"({info['message'] if info else 'eager'}); llama.cpp {peer_start:5.1f} s", flush=True)
-        log.row(f"start-up to the first token, {label}, {mode}, eager", f"{eager_start:,.1f} s",
-                f"{peer} {peer_start:,.1f} s", ratio(peer_start / eager_start))
+        log_startup(mode, label, eager_starts, peer_start)
         tm = times["decode"]
         print(f"{name:16} decode: ours {args.new / tm['ours']:6.2f} tok/s, llama.cpp {args.new / tm['peer']:6.2f} "
               f"tok/s, {tm['peer'] / tm['ours']:.2f}x; peak RSS so far {rss_gb():.1f} GiB", flush=True)
@@ -174,8 +195,18 @@ def main():
                     f"{args.prompt / tp['ours']:,.0f} prompt tok/s", f"{peer} {args.prompt / tp['peer']:,.0f} prompt "
                     "tok/s", ratio(tp["peer"] / tp["ours"]))
         return {"mode": mode, "peer": PEER_NAME[mode], "gguf_bytes": ggufs[mode].stat().st_size,
-                "startup_seconds": {"apertus eager": eager_start, f"apertus {how}": start, "peer": peer_start},
+                "startup_seconds": {"apertus eager": eager_start, "apertus eager, from the quantize cache":
+                                    eager_starts[1:], f"apertus {how}": start, "peer": peer_start},
                 "compile_info": info, "seconds": times, "peak_rss_gib": round(rss_gb(), 2)}
+
+    def log_startup(mode: str, label: str, eager_starts: list[float], peer_start: float):
+        peer = f"llama.cpp {PEER_NAME[mode]} {peer_start:,.1f} s"
+        first = "eager" if mode == "bf16" else "eager, quantizing"
+        log.row(f"start-up to the first token, {label}, {mode}, {first}", f"{eager_starts[0]:,.1f} s", peer,
+                ratio(peer_start / eager_starts[0]))
+        if len(eager_starts) > 1:
+            log.row(f"start-up to the first token, {label}, {mode}, eager, from the quantize cache",
+                    f"{eager_starts[1]:,.1f} s", peer, ratio(peer_start / eager_starts[1]))
 
     measured = [measure(mode) for mode in args.modes]
     log.write({"shape": args.shape, "sequential": args.sequential, "params_b": round(params / 1e9, 3),

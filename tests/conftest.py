@@ -12,6 +12,13 @@ import pytest  # noqa: E402
 from apertus.config import data_root  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quant_cache(tmp_path_factory):
+    """Engines started with quantize= keep their quantized layers here, not in the user's cache (subprocesses too)."""
+    os.environ["APERTUS_QUANT_CACHE"] = str(tmp_path_factory.mktemp("quantized"))
+    return os.environ["APERTUS_QUANT_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     root = data_root()

@@ -15,7 +15,7 @@ from torch import nn
 
 from apertus import ApertusConfig, build_model, save_model
 from apertus.infer import Engine, SamplingParams
-from apertus.infer.quant import Int4Linear, Int8Linear, quantize_int4, quantize_weights
+from apertus.infer.quant import Int4Linear, Int8Linear, cache_file, quantize_int4, quantize_weights
 
 SEQ = 128
 
@@ -177,3 +177,42 @@ def test_engine_int4_decodes_what_fp32_predicts(trained, tmp_path):
         chosen = lp.gather(1, torch.tensor(out.output_ids)[:, None]).squeeze(1)
         assert (torch.tensor(out.logprobs) - chosen).abs().max() <= 0.25
         assert (lp.max(-1).values - chosen).max() <= 0.25  # greedy up to int4 noise
+
+
+def mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_second_start_maps_the_quantized_layers_the_first_one_kept(trained, tmp_path, monkeypatch, mode):
+    model, ids = trained
+    monkeypatch.setenv("APERTUS_QUANT_CACHE", str(tmp_path / "cache"))
+    save_model(model, tmp_path / "ck", dtype=torch.bfloat16)
+    prompts = [ids[0, :20].tolist()]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=True, ignore_eos=True)
+
+    def start():
+        with Engine(tmp_path / "ck", quantize=mode, cache_gb=0.01) as engine:
+            (out,) = engine.generate(prompts, params)
+            return engine.start_info, out.logprobs, mapped_files()
+
+    cached = cache_file(tmp_path / "ck", mode)
+    assert cached.parent == tmp_path / "cache" and not cached.exists()
+    (first,), logprobs, _ = start()
+    assert first.startswith(f"quantized to {mode}") and "kept in" in first and cached.is_file()
+    (second,), again, maps = start()
+    assert second.startswith(f"{mode} weights mapped from") and str(cached) in maps
+    assert again == logprobs  # the very same layers
+
+    cached.write_bytes(cached.read_bytes()[:1000])  # a damaged file is quantized anew and replaced
+    (third,), again, _ = start()
+    assert third.startswith(f"quantized to {mode}") and again == logprobs
+    assert start()[0][0].startswith(f"{mode} weights mapped from")
+
+    save_model(model.half().float(), tmp_path / "ck", dtype=torch.bfloat16)  # a new checkpoint: another file
+    assert cache_file(tmp_path / "ck", mode) != cached
+    assert start()[0][0].startswith(f"quantized to {mode}")
+
+    monkeypatch.setenv("APERTUS_QUANT_CACHE", "off")
+    assert cache_file(tmp_path / "ck", mode) is None and start()[0] == []

@@ -21,7 +21,7 @@ from .cli_args import add_options, csv, defaults_of, forward, picked, printed
 from .compliance import cards, manifest
 from .eval import memorization, report, suite
 from .infer import Engine, SamplingParams, repl
-from .infer.engine import print_compile_info
+from .infer.engine import print_start_info
 from .train import checkpointing, posttrain, pretrain, qrpo, recipe, sft
 
 MODEL_HELP = "checkpoint directory or hub id org/name[@revision] (or a preset name, random weights)"
@@ -212,7 +212,7 @@ def pii_filter_factory(args):
 
 def engine_from_args(args):
     engine = Engine(args.model, **picked(args, ENGINE), output_filter=pii_filter_factory(args))
-    print_compile_info(engine, f"apertus {args.command}")
+    print_start_info(engine, f"apertus {args.command}")
     return engine
 
 

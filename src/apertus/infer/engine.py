@@ -183,11 +183,12 @@ def _compile_cached(warm_up) -> dict:
                 message=f"compiled in {seconds:.1f} s ({how})")
 
 
-def print_compile_info(engine: Engine, prog: str) -> None:
-    """`--compile`'s start-up line on stderr, "PROG: compiled in ... s (...)", for `apertus generate`, `chat` and
-    `serve`; nothing when the engine was not compiled. (The engine itself only logs the message, at INFO.)"""
-    if engine.compile_info:
-        print(f"{prog}: {engine.compile_info['message']}", file=sys.stderr, flush=True)
+def print_start_info(engine: Engine, prog: str) -> None:
+    """What start-up spent its time on, a line each on stderr ("PROG: quantized to int8 in ... s, kept in ...",
+    "PROG: compiled in ... s (...)"), for `apertus generate`, `chat` and `serve`; nothing for a plain start. (The
+    engine itself only logs them, at INFO.)"""
+    for line in engine.start_info:
+        print(f"{prog}: {line}", file=sys.stderr, flush=True)
 
 
 class Engine:
@@ -197,7 +198,9 @@ class Engine:
     prefix_caching: reuse the cached pages of prompts that start alike (see above); the same outputs, up to the float
     rounding that batching gives too.
     quantize="int8" | "int4": weight-only int8 (per output channel) or int4 (groups of 32 inputs) linears (CPU; faster
-    single-stream decoding, slower prefill and large batches; see infer/quant.py).
+    single-stream decoding, slower prefill and large batches; see infer/quant.py). A checkpoint's quantized layers are
+    kept in a file of the user cache (quant.cache_file(); APERTUS_QUANT_CACHE=off keeps none), so a later start maps
+    them instead of quantizing again.
     output_filter: a factory of streaming text filters (`lambda: PIIFilter()`), one per request handle; off by
     default.
     compile=True: every step runs through torch.compile (a few graphs, compiled at start: 20-45 s for the tiny model
@@ -224,12 +227,18 @@ class Engine:
                 dtype = torch.bfloat16 if device.type == "cuda" or (
                     model_dir and _checkpoint_dtype(model_dir) == torch.bfloat16) else torch.float32
             model = load_model(model_or_path, dtype=dtype, device=device)
+        self.start_info: list[str] = []  # what start-up did that took time: quantizing, compiling (print_start_info)
         if quantize is not None:
-            from .quant import MODES, quantize_weights
+            from .quant import MODES, cache_file, quantize_cached, quantize_weights
 
             if quantize not in MODES or device.type != "cpu":
                 raise ValueError(f"engine: quantize={quantize!r} is not supported ({' or '.join(MODES)} on CPU only)")
-            quantize_weights(model, quantize)
+            cache = cache_file(model_dir, quantize) if model_dir is not None else None
+            if cache is None:
+                quantize_weights(model, quantize)
+            else:
+                self.start_info.append(quantize_cached(model, quantize, cache))
+                log.info("engine: %s", self.start_info[-1])
         self.model, self.config, self.device = model.eval(), model.config, device
         self.output_filter = output_filter  # () -> object with feed(text) / flush(), e.g. compliance.PIIFilter
         self.tokenizer = _load_tokenizer(tokenizer, model_dir)
@@ -281,6 +290,7 @@ class Engine:
             self._compiled = torch.compile(self.model.hidden_states, dynamic=True)
             self._head = torch.compile(self.model.lm_head, dynamic=True)
             self.compile_info = _compile_cached(self._warm_up)
+            self.start_info.append(self.compile_info["message"])
             log.info("engine: %s", self.compile_info["message"])
             _compiled_engines.add(id(self))
 

@@ -10,15 +10,31 @@ still ~3x faster than a bf16 GEMM without bf16 units), so quantizing is an optio
 
 int4 is asymmetric per group of `group_size` input features along each output row: 16 levels evenly spaced from the
 group's minimum to its maximum (w ~ (q - 8) * scale + zero, with q in 0..15, as the kernel computes it).
+
+Quantizing takes a while (1.44B parameters: ~10 s on 2 cores; the 8B ~40 s), so the quantized layers of a checkpoint
+are kept in a .safetensors file under cache_file()'s folder: a later start maps them instead (well under a second),
+the way `--compile` keeps its graphs. The file is named by the checkpoint's files (path, size, modification time),
+the mode, the group size and torch's version (the int4 packing is torch's), so a changed checkpoint is quantized anew.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from ..util import atomic_write
 
 INT4_GROUP_SIZE = 32  # Q4_0's block; 64 and 128 read slightly fewer bytes at a higher KL (docs/models.md)
 MODES = ("int8", "int4")
+CACHE_FORMAT = "1"  # raised whenever a layer's buffers change
 
 
 class Int8Linear(nn.Module):
@@ -71,17 +87,24 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute name) of every nn.Linear: not the layers themselves, so that each one's float weights are
-    freed as soon as it is replaced (holding them all would need the float model and the quantized one at once:
-    24 GB for the 8B in int8)."""
-    return [(parent, name) for parent in list(model.modules())
-            for name, child in list(parent.named_children()) if isinstance(child, nn.Linear)]
+def _linears(model: nn.Module, types=(nn.Linear,)) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent, attribute name) of every nn.Linear (or `types`): not the layers themselves, so that
+    each one's float weights are freed as soon as it is replaced (holding them all would need the float model and the
+    quantized one at once: 24 GB for the 8B in int8)."""
+    return [(f"{path}.{name}" if path else name, parent, name) for path, parent in list(model.named_modules())
+            for name, child in list(parent.named_children()) if isinstance(child, types)]
+
+
+def _check_int4(model: nn.Module, group_size: int) -> None:
+    for name, child in model.named_modules():
+        if isinstance(child, nn.Linear) and child.in_features % group_size:
+            raise ValueError(f"int4: layer {name} has in_features {child.in_features}, not a multiple "
+                             f"of the group size {group_size}; use int8 (or a group size that divides it)")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of the model (projections, MLP, lm_head) in place; embeddings and norms stay."""
-    for parent, name in _linears(model):
+    for _, parent, name in _linears(model):
         setattr(parent, name, Int8Linear(getattr(parent, name)))
     return model
 
@@ -89,13 +112,86 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 def quantize_int4(model: nn.Module, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
     """As quantize_int8, with Int4Linear. Every layer is checked before any is replaced, so a model that cannot be
     quantized is left as it was."""
-    for name, child in model.named_modules():
-        if isinstance(child, nn.Linear) and child.in_features % group_size:
-            raise ValueError(f"int4: layer {name} has in_features {child.in_features}, not a multiple "
-                             f"of the group size {group_size}; use int8 (or a group size that divides it)")
-    for parent, name in _linears(model):
+    _check_int4(model, group_size)
+    for _, parent, name in _linears(model):
         setattr(parent, name, Int4Linear(getattr(parent, name), group_size))
     return model
+
+
+def cache_file(model_dir: str | os.PathLike, mode: str) -> Path | None:
+    """Where the `mode` layers of the checkpoint in `model_dir` are kept between starts: a file in
+    $APERTUS_QUANT_CACHE, else `$XDG_CACHE_HOME/apertus/quantized` (`~/.cache/apertus/quantized`); None when
+    APERTUS_QUANT_CACHE is `off`. Its name changes with the checkpoint's files, the mode, the group size and torch's
+    version."""
+    from ..checkpoint import weight_files
+    from ..embedded import cache_root
+
+    root = os.environ.get("APERTUS_QUANT_CACHE")
+    if root == "off":
+        return None
+    model_dir = Path(model_dir).resolve()
+    files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(model_dir)]
+    key = json.dumps([files, mode, INT4_GROUP_SIZE, torch.__version__, CACHE_FORMAT])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = Path(root).expanduser() if root else cache_root() / "quantized"
+    return folder / f"{model_dir.name}-{mode}-{digest}.safetensors"
+
+
+def _save_aligned(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """The safetensors format (read back by the safetensors library), written so that every tensor starts at a multiple
+    of 64 bytes of the file: the header is padded with spaces, as the format allows, and the tensors whose sizes are
+    multiples of 64 come first. save_file aligns to 8 bytes only, and torch's weight-only kernels can crash on mapped
+    weights that are not aligned (`_weight_int8pack_mm`, 256 x 128, torch 2.13)."""
+    from ..checkpoint import SAFETENSORS_DTYPES
+
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (tensors[k].nbytes % 64 != 0, k))
+    header, offset = {"__metadata__": metadata}, 0
+    for key in order:
+        t = tensors[key]
+        header[key] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + t.nbytes])
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 64)
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for key in order:
+                f.write(tensors[key].contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    atomic_write(file, write)
+
+
+def _load_cached(model: nn.Module, mode: str, file: Path) -> bool:
+    """Replace the model's linears by the quantized layers stored in `file`, as views of the mapped file; False, with
+    the model untouched, when the file is missing, unreadable or was written for another model or mode."""
+    if not file.is_file():
+        return False
+    try:
+        f = safe_open(file, framework="pt")  # its tensors keep the mapping alive
+        if (f.metadata() or {}).get("mode") != mode:
+            return False
+        stored = set(f.keys())
+        layers = []
+        for qualname, parent, name in _linears(model):
+            linear = getattr(parent, name)
+            with torch.device("meta"):  # the layer's shapes and dtypes, without computing anything
+                shape = nn.Linear(linear.in_features, linear.out_features, bias=False)
+                layer = Int8Linear(shape) if mode == "int8" else Int4Linear(shape)
+            keys = {k: f"{qualname}.{k}" for k in layer.state_dict()}
+            if not stored.issuperset(keys.values()):
+                return False
+            tensors = {k: f.get_tensor(key) for k, key in keys.items()}
+            # a misaligned tensor (a size not a multiple of 64 before it, in a small model) is copied: see _save_aligned
+            layer.load_state_dict({k: t if t.data_ptr() % 64 == 0 else t.clone() for k, t in tensors.items()},
+                                  assign=True)
+            layers.append((parent, name, layer))
+    except (SafetensorError, OSError, RuntimeError):  # RuntimeError: a tensor of another shape (load_state_dict)
+        return False
+    for parent, name, layer in layers:
+        setattr(parent, name, layer)
+    return True
 
 
 def quantize_weights(model: nn.Module, mode: str) -> nn.Module:
@@ -103,3 +199,24 @@ def quantize_weights(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise ValueError(f"quantize={mode!r} is not supported; use one of {', '.join(MODES)}")
     return quantize_int8(model) if mode == "int8" else quantize_int4(model)
+
+
+def quantize_cached(model: nn.Module, mode: str, cache: str | os.PathLike) -> str:
+    """quantize_weights(model, mode), the layers read from `cache` (a .safetensors path, see cache_file()) when it
+    holds them, else written there after quantizing. Returns what it did and how long it took, in words."""
+    if mode not in MODES:
+        raise ValueError(f"quantize={mode!r} is not supported; use one of {', '.join(MODES)}")
+    if mode == "int4":
+        _check_int4(model, INT4_GROUP_SIZE)
+    start, cache = time.perf_counter(), Path(cache)
+    if _load_cached(model, mode, cache):
+        return f"{mode} weights mapped from {cache} in {time.perf_counter() - start:.1f} s"
+    quantize_weights(model, mode)
+    how = f"quantized to {mode} in {time.perf_counter() - start:.1f} s"
+    state = {f"{qualname}.{k}": t.contiguous() for qualname, parent, name in _linears(model, (Int8Linear, Int4Linear))
+             for k, t in getattr(parent, name).state_dict().items()}
+    try:
+        _save_aligned(state, cache, {"mode": mode})
+    except OSError as e:  # a full disk or a read-only folder costs the next start its time, nothing more
+        return f"{how} (not kept for the next start: {e.strerror}: {cache})"
+    return f"{how}, kept in {cache} for the next start"

@@ -99,11 +99,11 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
     """Load `model` into an Engine and serve it until interrupted (`apertus serve`)."""
     import uvicorn
 
-    from .engine import Engine, print_compile_info
+    from .engine import Engine, print_start_info
 
     name = model_name or Path(str(model)).name or str(model)
     engine = Engine(model, **engine_kwargs)
-    print_compile_info(engine, "apertus serve")
+    print_start_info(engine, "apertus serve")
     try:
         app = create_app(engine, name, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
                          output_filter=output_filter)
