@@ -139,7 +139,7 @@ def main():
         name, peer = f"{mode} ({PEER_NAME[mode]})", f"llama.cpp {PEER_NAME[mode]}"
         quantize = None if mode == "bf16" else mode
         if quantize:  # the first start quantizes (and keeps the layers), the second maps what the first kept
-            cache_file(hf, quantize).unlink(missing_ok=True)
+            cache_file(hf, quantize, torch.bfloat16).unlink(missing_ok=True)
         eager_starts = []
         for _ in range(2 if quantize else 1):
             eager, seconds = open_ours(quantize, False)

@@ -197,7 +197,7 @@ def test_a_second_start_maps_the_quantized_layers_the_first_one_kept(trained, tm
             (out,) = engine.generate(prompts, params)
             return engine.start_info, out.logprobs, mapped_files()
 
-    cached = cache_file(tmp_path / "ck", mode)
+    cached = cache_file(tmp_path / "ck", mode, torch.bfloat16)
     assert cached.parent == tmp_path / "cache" and not cached.exists()
     (first,), logprobs, _ = start()
     assert first.startswith(f"quantized to {mode}") and "kept in" in first and cached.is_file()
@@ -211,8 +211,8 @@ def test_a_second_start_maps_the_quantized_layers_the_first_one_kept(trained, tm
     assert start()[0][0].startswith(f"{mode} weights mapped from")
 
     save_model(model.half().float(), tmp_path / "ck", dtype=torch.bfloat16)  # a new checkpoint: another file
-    assert cache_file(tmp_path / "ck", mode) != cached
+    assert cache_file(tmp_path / "ck", mode, torch.bfloat16) != cached
     assert start()[0][0].startswith(f"quantized to {mode}")
 
     monkeypatch.setenv("APERTUS_QUANT_CACHE", "off")
-    assert cache_file(tmp_path / "ck", mode) is None and start()[0] == []
+    assert cache_file(tmp_path / "ck", mode, torch.bfloat16) is None and start()[0] == []

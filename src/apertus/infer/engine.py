@@ -233,7 +233,7 @@ class Engine:
 
             if quantize not in MODES or device.type != "cpu":
                 raise ValueError(f"engine: quantize={quantize!r} is not supported ({' or '.join(MODES)} on CPU only)")
-            cache = cache_file(model_dir, quantize) if model_dir is not None else None
+            cache = cache_file(model_dir, quantize, dtype) if model_dir is not None else None
             if cache is None:
                 quantize_weights(model, quantize)
             else:
