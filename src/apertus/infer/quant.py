@@ -11,10 +11,10 @@ still ~3x faster than a bf16 GEMM without bf16 units), so quantizing is an optio
 int4 is asymmetric per group of `group_size` input features along each output row: 16 levels evenly spaced from the
 group's minimum to its maximum (w ~ (q - 8) * scale + zero, with q in 0..15, as the kernel computes it).
 
-Quantizing takes a while (1.44B parameters: 1.4 s for int8, 4 s for int4 on 2 cores; the 8B ~40 s), so the layers
-are kept in a .safetensors file under cache_file()'s folder: a later start maps them instead (well under a second),
-the way `--compile` keeps its graphs. The file is named by the checkpoint's files (path, size, modification time),
-the dtype, the mode, the group size and torch's version (the int4 packing is torch's), so a changed checkpoint is
+Quantizing takes a while (1.44B parameters: 2-3 s for int8, 4-5 s for int4 on 2 cores; the 8B 19 s and 28 s), so the
+layers are kept in a .safetensors file under cache_file()'s folder: a later start maps them instead (well under a
+second), the way `--compile` keeps its graphs. The file is named by the checkpoint's files (path, size, modification
+time), the dtype, the mode, the group size and torch's version (the int4 packing is torch's), so a changed checkpoint is
 quantized anew.
 """
 
