@@ -34,7 +34,6 @@ from torch import nn
 from ..util import atomic_write
 
 INT4_GROUP_SIZE = 32  # Q4_0's block; 64 and 128 read slightly fewer bytes at a higher KL (docs/models.md)
-MODES = ("int8", "int4")
 CACHE_FORMAT = "1"  # raised whenever a layer's buffers change
 
 
@@ -88,6 +87,10 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear}  # mode -> the layer that replaces each nn.Linear
+MODES = tuple(LAYERS)
+
+
 def _linears(model: nn.Module, types=(nn.Linear,)) -> list[tuple[str, nn.Module, str]]:
     """(qualified name, parent, attribute name) of every nn.Linear (or `types`): not the layers themselves, so that
     each one's float weights are freed as soon as it is replaced (holding them all would need the float model and the
@@ -131,7 +134,7 @@ def cache_file(model_dir: str | os.PathLike, mode: str, dtype: torch.dtype | Non
     if root == "off":
         return None
     model_dir = Path(model_dir).resolve()
-    files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(model_dir)]
+    files = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f in weight_files(model_dir) for st in [f.stat()]]
     key = json.dumps([files, str(dtype), mode, INT4_GROUP_SIZE, torch.__version__, CACHE_FORMAT])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = Path(root).expanduser() if root else cache_root() / "quantized"
@@ -179,7 +182,7 @@ def _load_cached(model: nn.Module, mode: str, file: Path) -> bool:
             linear = getattr(parent, name)
             with torch.device("meta"):  # the layer's shapes and dtypes, without computing anything
                 shape = nn.Linear(linear.in_features, linear.out_features, bias=False)
-                layer = Int8Linear(shape) if mode == "int8" else Int4Linear(shape)
+                layer = LAYERS[mode](shape)
             keys = {k: f"{qualname}.{k}" for k in layer.state_dict()}
             if not stored.issuperset(keys.values()):
                 return False
@@ -214,7 +217,7 @@ def quantize_cached(model: nn.Module, mode: str, cache: str | os.PathLike) -> st
         return f"{mode} weights mapped from {cache} in {time.perf_counter() - start:.1f} s"
     quantize_weights(model, mode)
     how = f"quantized to {mode} in {time.perf_counter() - start:.1f} s"
-    state = {f"{qualname}.{k}": t.contiguous() for qualname, parent, name in _linears(model, (Int8Linear, Int4Linear))
+    state = {f"{qualname}.{k}": t.contiguous() for qualname, parent, name in _linears(model, tuple(LAYERS.values()))
              for k, t in getattr(parent, name).state_dict().items()}
     try:
         _save_aligned(state, cache, {"mode": mode})
