@@ -79,7 +79,7 @@ HOUR = FULL | {
     "minutes": 60,
     "pretrain": ["stages.0.steps=600", "stages.1.steps=200", "schedule.cooldown_tokens=655360", "optim.t_alpha=800",
                  "optim.t_beta3=800"],
-    "sft": [f"data.sources=[{_GSM % ('train', 0, 7200)}]"],
+    "sft": [f"data.sources=[{_GSM % ('train', 0, 7200)}]", "train.compile=true"],
     "align": [f"data.prompts=[{_GSM % ('train', 7200, 128)}]", f"data.eval_prompts=[{_GSM % ('test', 0, 64)}]",
               "sampling.max_tokens=256", REWARD, "optim.lr=1e-4"],
     "eval_base": FULL["eval_base"] | {"limit": 100},
