@@ -440,8 +440,9 @@ def add_speedrun_commands(sub) -> None:
     s.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); a rerun resumes")
     s.add_argument("--smoke", action="store_true", help="a few steps per stage (CI; about two minutes)")
     s.add_argument("--budget", choices=["demo", "hour"], default="demo",
-                   help="demo (default): the quick run; hour: twice the pretraining tokens, SFT conversations and "
-                   "QRPO prompts, larger evaluations (aimed at an hour on 2 cores)")
+                   help="demo (default): the quick run; hour: the demo's pretraining (more overfits the embedded "
+                   "text), twice the SFT conversations and QRPO prompts, larger evaluations (within an hour on 2 "
+                   "cores)")
     s.add_argument("--tokenizer", choices=["train", "apertus"], default="train",
                    help="train a small BPE on the corpus (default) or use the released Apertus tokenizer (slower)")
     s.add_argument("--stages", type=csv, help="comma-separated stages to (re)run: tokenizer, data, pretrain, sft, "

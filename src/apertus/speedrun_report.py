@@ -205,11 +205,11 @@ def _effects(run: Path) -> list[str]:
             why = (f": the SFT model already writes the reward's format term in {100 * rate:.0f}% of its samples and a "
                    "model of this size almost never finds the right number (its correctness term), so the pairs "
                    "differ mostly in how close a guessed number is") if rate >= 0.9 else ""
-            what = (f"lowered its held-out reward by {r - q:.3f}" if fell else
-                    f"moved its held-out reward by {q - r:+.3f}, within two standard errors of the difference "
-                    f"({spread:.3f})")
-            notes.append(f"QRPO {what} ({len(pol)} samples){why}. This budget cannot show QRPO's effect; "
-                         "runs/posttrain_results.md is the longer experiment, over two seeds.")
+            what = (f"lowered its held-out reward by {r - q:.3f} over {len(pol)} samples" if fell else
+                    f"moved its held-out reward by {q - r:+.3f} over {len(pol)} samples, within two standard errors "
+                    f"of the difference ({spread:.3f})")
+            notes.append(f"QRPO {what}{why}. This budget cannot show QRPO's effect; runs/posttrain_results.md is "
+                         "the longer experiment, over two seeds.")
     state = _read(run / "speedrun.json")
     minutes = state and state.get("aim_minutes")  # the budget's aim, recorded by the run (none for --smoke)
     if len(rows) > 2 and minutes:
