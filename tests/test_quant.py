@@ -25,6 +25,35 @@ def int4_dequantized(layer: Int4Linear, k: int) -> torch.Tensor:
     return layer(torch.eye(k, dtype=torch.bfloat16)).T.double()
 
 
+def test_int8_linear_quantizes_each_row_of_activations_and_sums_exactly():
+    """W8A8 (where the CPU has int8 dot products): every input row gets its own int8 step and the int8 products are
+    summed exactly, so a row's output is the same alone or in a batch, and equals the product of the dequantized
+    values; the weight-only path (bf16 activations) stays close to it."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 96, 256
+    linear = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+    x = torch.randn(5, k, generator=g) * torch.tensor([1.0, 30.0, 0.01, 3.0, 300.0])[:, None]
+    layer = Int8Linear(linear, int8_activations=True)
+    y = layer(x)
+    assert y.shape == (5, n) and y.dtype == torch.float32
+    for i in range(5):
+        assert torch.equal(layer(x[i:i + 1]), y[i:i + 1])
+    step = x.double().abs().amax(-1, keepdim=True) / 127
+    xq = (x.double() / step).round()
+    assert xq.abs().max() == 127 and len(xq.unique()) > 100
+    wq = layer.weight.double() * layer.scale.double()[:, None]
+    ref = (xq * step) @ wq.T
+    assert ((y.double() - ref).abs() <= 1e-5 * ref.abs().amax(-1, keepdim=True)).all()
+    exact = x.double() @ linear.weight.detach().double().T
+    err = (y.double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert (err < 0.02).all() and (err > 1e-4).all()  # quantized, not the float product
+    weight_only = Int8Linear(linear, int8_activations=False)(x).double()
+    assert ((weight_only - exact).norm(dim=-1) / exact.norm(dim=-1) < 0.02).all()
+    assert not torch.equal(weight_only, y.double())
+
+
 def test_int4_linear_is_a_16_level_grid_per_group_and_matmuls_with_it():
     g = torch.Generator().manual_seed(0)
     n, k, group = 100, 256, 32  # 100 rows: the kernel packs multiples of 16, the layer pads and cuts
