@@ -23,6 +23,7 @@ quantized anew.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,11 +41,12 @@ INT4_GROUP_SIZE = 32  # Q4_0's block; 64 and 128 read slightly fewer bytes at a 
 CACHE_FORMAT = "1"  # raised whenever a layer's buffers change
 
 
+@functools.cache
 def has_int8_dot() -> bool:
-    """Whether this CPU multiplies int8 by int8 in hardware (AVX512-VNNI, AVX-VNNI, AMX). With it, oneDNN's int8 GEMM
-    (`torch._int_mm`) reads the weights of a one-row product ~1.7x faster than the weight-only kernel; without it
-    (oneDNN limited to AVX2), ~2x slower."""
-    return bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+    """Whether this CPU has AVX512-VNNI, int8 dot products (every CPU with AMX has it too; AVX-VNNI alone is not
+    detected and keeps the weight-only kernel). With it, oneDNN's int8 GEMM (`torch._int_mm`) reads the weights of a
+    one-row product ~1.7x faster than the weight-only kernel; without it (oneDNN limited to AVX2), ~2x slower."""
+    return bool(torch.cpu.get_capabilities().get("avx512_vnni", False))
 
 
 class Int8Linear(nn.Module):
