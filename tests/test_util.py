@@ -70,3 +70,31 @@ def test_import_apertus_puts_large_tensors_on_huge_pages_unless_told_not_to(sett
         assert huge_kb >= 32 * 1024
     elif "[madvise]" in open(THP).read():  # (with [always] the kernel uses huge pages whatever the process asks)
         assert huge_kb < 4 * 1024
+
+
+FREED_MEMORY_KEPT = """
+import apertus, torch
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+before = rss_mb()
+x = torch.ones(256 * 2**20 // 4)  # 256 MB, touched, then freed
+del x
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_import_apertus_keeps_freed_buffers_for_the_next_allocation_unless_told_not_to(setting):
+    """`import apertus` keeps freed large buffers in the process (no fresh page faults at every training step);
+    APERTUS_KEEP_FREED_MEMORY=0 lets glibc return them to the kernel at free."""
+    env = {k: v for k, v in os.environ.items() if k != "APERTUS_KEEP_FREED_MEMORY"}
+    if setting is not None:
+        env["APERTUS_KEEP_FREED_MEMORY"] = setting
+    out = subprocess.run([sys.executable, "-c", FREED_MEMORY_KEPT], env=env, capture_output=True, text=True,
+                         check=True)
+    kept_mb = float(out.stdout)
+    if setting is None:
+        assert kept_mb >= 200  # the freed 256 MB stay resident, for the next allocation
+    else:
+        assert kept_mb < 50
