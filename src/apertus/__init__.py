@@ -9,6 +9,13 @@ import sys
 # time of a copy into them (measured on a 2-core VM). Set THP_MEM_ALLOC_ENABLE=0 to keep 4 KB pages.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from .checkpoint import load_model, save_model
+from .config import PRESETS, ApertusConfig, preset
+from .model import Apertus, build_model
+
+__version__ = "0.1.0"
+__all__ = ["Apertus", "ApertusConfig", "PRESETS", "build_model", "load_model", "preset", "save_model"]
+
 
 def _keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the kernel.
@@ -33,10 +40,3 @@ def _keep_freed_memory() -> None:
 
 
 _keep_freed_memory()
-
-from .checkpoint import load_model, save_model
-from .config import PRESETS, ApertusConfig, preset
-from .model import Apertus, build_model
-
-__version__ = "0.1.0"
-__all__ = ["Apertus", "ApertusConfig", "PRESETS", "build_model", "load_model", "preset", "save_model"]
