@@ -2,7 +2,7 @@
 config, same weights, same batches, bf16 autocast over fp32 master weights on both sides (or fp32 on both sides:
 `--dtype auto`, the default, takes fp32 on a CPU without bf16 matrix units, as the tiny recipes do).
 
-    python bench/train.py [--shape tiny|74m|150m] [--batch 8] [--seq 512] [--rounds 5] [--sides a,b,...]
+    python bench/train.py [--shape tiny|74m|150m] [--batch 8] [--seq 512] [--rounds 5] [--sides a,b,...] [--tag T]
 
 Sides (`--sides`, default: all that fit the shape in memory):
     transformers                   eager, torch AdamW (foreach): the default setup
@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sides", help=f"comma-separated, from: {', '.join(SIDES)}")
+    ap.add_argument("--tag", help="a suffix for the log's name, for a run with other --sides (\"optimizers\" at 150m, "
+                                  "where all sides do not fit in 24 GB together)")
     ap.add_argument("--profile", action="store_true",
                     help="instead: seconds per part of our eager and compiled steps (THP_MEM_ALLOC_ENABLE=0 to see "
                          "the step on 4 KB pages)")
@@ -138,7 +140,7 @@ def main():
     dtype = fast_dtype() if args.dtype == "auto" else args.dtype
     bf16 = dtype == "bf16"
     how = "bf16 autocast" if bf16 else "fp32"
-    log = BenchLog("train", [args.shape, f"{args.batch}x{args.seq}", dtype])
+    log = BenchLog("train", [args.shape, f"{args.batch}x{args.seq}", dtype, args.tag])
     cfg = shape_config(args.shape)
     ours_batch, hf_batch = batches(cfg, args.batch, args.seq)
     params = cfg.num_params()
