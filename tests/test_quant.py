@@ -127,9 +127,9 @@ def test_quantizing_frees_each_float_layer_as_it_goes(tmp_path, mode):
     # 9-15 bytes a weight of the largest layer were seen
     linear, working = sum(sizes), 20 * max(sizes)
     assert working < 0.5 * linear  # so the bound below tells one layer from all of them
-    # glibc's adaptive threshold would keep freed blocks in the heap: a fixed one gives them back, so the memory seen
-    # is the memory held
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # glibc's adaptive threshold (and `import apertus`'s setting) would keep freed blocks in the heap: a fixed one gives
+    # them back, so the memory seen is the memory held
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", APERTUS_KEEP_FREED_MEMORY="0")
     out = subprocess.run([sys.executable, "-c", QUANTIZE_CHILD, str(tmp_path / "m"), mode], capture_output=True,
                          text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
