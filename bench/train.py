@@ -16,8 +16,8 @@ Our step keeps every training feature on: the Goldfish mask (k = h = 50) and doc
 (128–1024 tokens), which transformers' step does not do (a plain causal row). One "step" is a full optimizer step:
 forward, backward, gradient clipping, optimizer update. MFU is measured against this machine's matmul peak in that
 dtype (2048³ matmuls, timed in the same rounds as the steps), the CPU analogue of the 989 TFLOP/s reference on GPUs.
-Both sides run in one process, so both get `import apertus`'s huge-page allocator setting.
-The log (bench/_log.py) goes to bench/results/train-<shape>-<batch>x<seq>-<dtype>.json
+Both sides run in one process, so both get `import apertus`'s allocator settings (huge pages, freed memory kept).
+The log (bench/_log.py) goes to bench/results/train-<shape>-<batch>x<seq>-<dtype>[-<tag>].json
 """
 
 import argparse

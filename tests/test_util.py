@@ -45,6 +45,14 @@ def test_sha256_and_durations(tmp_path):
     assert [hms(0), hms(59.6), hms(382), hms(3 * 3600 + 5)] == ["0:00:00", "0:01:00", "0:06:22", "3:00:05"]
 
 
+def run_after_import(code: str, variable: str, setting: str | None) -> str:
+    """The stdout of `code` in a fresh interpreter, with the environment `variable` unset (None) or set."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if setting is not None:
+        env[variable] = setting
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 HUGE_PAGES_USED = """
 import apertus, torch
@@ -61,11 +69,7 @@ print(huge_kb() - before)
 def test_import_apertus_puts_large_tensors_on_huge_pages_unless_told_not_to(setting):
     """`import apertus` (before torch) turns on PyTorch's huge-page allocation of large buffers; THP_MEM_ALLOC_ENABLE=0
     keeps 4 KB pages."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if setting is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = setting
-    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_USED], env=env, capture_output=True, text=True, check=True)
-    huge_kb = int(out.stdout.split()[-1])
+    huge_kb = int(run_after_import(HUGE_PAGES_USED, "THP_MEM_ALLOC_ENABLE", setting).split()[-1])
     if setting is None:
         assert huge_kb >= 32 * 1024
     elif "[madvise]" in open(THP).read():  # (with [always] the kernel uses huge pages whatever the process asks)
@@ -88,12 +92,7 @@ print(rss_mb() - before)
 def test_import_apertus_keeps_freed_buffers_for_the_next_allocation_unless_told_not_to(setting):
     """`import apertus` keeps freed large buffers in the process (no fresh page faults at every training step);
     APERTUS_KEEP_FREED_MEMORY=0 lets glibc return them to the kernel at free."""
-    env = {k: v for k, v in os.environ.items() if k != "APERTUS_KEEP_FREED_MEMORY"}
-    if setting is not None:
-        env["APERTUS_KEEP_FREED_MEMORY"] = setting
-    out = subprocess.run([sys.executable, "-c", FREED_MEMORY_KEPT], env=env, capture_output=True, text=True,
-                         check=True)
-    kept_mb = float(out.stdout)
+    kept_mb = float(run_after_import(FREED_MEMORY_KEPT, "APERTUS_KEEP_FREED_MEMORY", setting))
     if setting is None:
         assert kept_mb >= 200  # the freed 256 MB stay resident, for the next allocation
     else:
